@@ -1,0 +1,1 @@
+"""distill: produce Caprese adapter checkpoints (data generation, fitting, evaluation report)."""

@@ -1,0 +1,40 @@
+"""Run real vLLM offline generation in a fresh process and write the results as JSON.
+
+Tests start vLLM through this script rather than in the pytest process: vLLM spawns an engine
+core and workers, grabs memory for its KV cache, and logs from every process; a child process
+keeps all of that contained and lets the test read the complete log.
+
+    python tests/vllm_generate.py --model DIR --prompts-json '["..."]' --max-tokens N --out FILE [--dtype float32]
+"""
+
+import argparse
+import json
+
+# An explicit KV-cache size: on the CPU backend vLLM otherwise reserves a fraction (0.92) of the
+# NUMA node's memory, which fails on a shared 24 GiB machine; tiny test models need little.
+KV_CACHE_BYTES = 1 << 30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--prompts-json", required=True)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, enforce_eager=True,
+              kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0)
+    prompts = json.loads(args.prompts_json)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
+    result = [{"prompt": o.prompt, "token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text}
+              for o in outputs]
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
