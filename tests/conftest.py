@@ -42,3 +42,16 @@ def run_vllm_generate(model_dir: Path, prompts: list[str], max_tokens: int, tmp_
     if proc.returncode != 0:
         raise AssertionError(f"vLLM run failed (exit {proc.returncode}); last log lines:\n{log[-4000:]}")
     return VllmRun(outputs=json.loads(out.read_text()), log=log)
+
+
+@pytest.fixture(scope="session")
+def hf_models(model_dirs):
+    """float32 transformers models and tokenizers, loaded once; tests must unpatch what they patch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = {}
+    for name, path in model_dirs.items():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        loaded[name] = (model, AutoTokenizer.from_pretrained(path))
+    return loaded

@@ -1,0 +1,154 @@
+"""Adapter checkpoints: a directory with `caprese.json` and `adapter.safetensors`.
+
+Tensors: `layers.{i}.lowrank_a` [hidden, r_i] and `layers.{i}.lowrank_b` [r_i, hidden] for every
+layer i in the manifest's `lowrank.ranks`. Loading checks everything (manifest schema, format
+version, tensor set, shapes, dtypes, finiteness) and, against a base model, every `base_model`
+field; each failure is one `AdapterError` line naming the file and field or tensor, and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from caprese_vllm.adapter.manifest import (
+    FORMAT_VERSION, MANIFEST_FILE, TENSORS_FILE, BaseModelInfo, CapreseManifest,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class AdapterError(ValueError):
+    """An adapter cannot be used; the message is one line: where, what, and the fix."""
+
+
+def tensor_names(layer: int) -> tuple[str, str]:
+    return f"layers.{layer}.lowrank_a", f"layers.{layer}.lowrank_b"
+
+
+@dataclass
+class CapreseAdapter:
+    manifest: CapreseManifest
+    lowrank_a: dict[int, torch.Tensor]  # layer -> [H, r]
+    lowrank_b: dict[int, torch.Tensor]  # layer -> [r, H]
+
+    # ---- writing -------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write atomically: tensors first, manifest last, both via rename."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        dtype = _DTYPES[self.manifest.lowrank.dtype]
+        tensors = {}
+        for layer in self.manifest.lowrank.ranks:
+            name_a, name_b = tensor_names(layer)
+            tensors[name_a] = self.lowrank_a[layer].detach().to("cpu", dtype).contiguous()
+            tensors[name_b] = self.lowrank_b[layer].detach().to("cpu", dtype).contiguous()
+        tmp = directory / (TENSORS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt", "caprese_format_version": str(FORMAT_VERSION)})
+        tmp.replace(directory / TENSORS_FILE)
+        tmp = directory / (MANIFEST_FILE + ".tmp")
+        tmp.write_text(self.manifest.model_dump_json(indent=2) + "\n")
+        tmp.replace(directory / MANIFEST_FILE)
+        return directory
+
+    # ---- reading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> CapreseAdapter:
+        directory = Path(directory)
+        manifest = load_manifest(directory)
+        tensors = _load_tensors(directory / TENSORS_FILE)
+        lowrank_a, lowrank_b = _check_tensors(directory / TENSORS_FILE, manifest, tensors)
+        to = {k: v.to(device) for k, v in lowrank_a.items()}, {k: v.to(device) for k, v in lowrank_b.items()}
+        return cls(manifest=manifest, lowrank_a=to[0], lowrank_b=to[1])
+
+    def check_base(self, base: BaseModelInfo, source: str = "the base model") -> None:
+        """Fail unless this adapter was fitted on `base` (every base_model field must match)."""
+        mine = self.manifest.base_model
+        for field in BaseModelInfo.model_fields:
+            want, got = getattr(mine, field), getattr(base, field)
+            if want != got:
+                raise AdapterError(
+                    f"{MANIFEST_FILE}: base_model.{field} is {want!r} but {source} has {got!r}: this "
+                    "adapter was made for another model; distil one for this model (caprese-distill)"
+                )
+
+
+def load_manifest(directory: Path) -> CapreseManifest:
+    path = directory / MANIFEST_FILE
+    if not directory.is_dir():
+        raise AdapterError(f"{directory}: adapter directory does not exist or is not a directory; "
+                           "pass the folder that holds caprese.json and adapter.safetensors")
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"{path}: missing; an adapter directory needs {MANIFEST_FILE} and "
+                           f"{TENSORS_FILE}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path}: unreadable ({err}); check the file's permissions") from None
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); the file is "
+                           "truncated or corrupt: copy it again") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{path}: expected a JSON object at the top level")
+    version = raw.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise AdapterError(f"{path}: format_version {version} is newer than this caprese-vllm reads "
+                           f"({FORMAT_VERSION}); upgrade caprese-vllm")
+    try:
+        return CapreseManifest.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise AdapterError(f"{path}: field {loc}: {first['msg']}; fix the field or re-export the "
+                           "adapter with caprese-distill") from None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise AdapterError(f"{path}: missing; an adapter directory needs {MANIFEST_FILE} and {TENSORS_FILE}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise AdapterError(f"{path}: not a readable safetensors file ({reason}); the file is truncated "
+                           "or corrupt: copy it again") from None
+
+
+def _check_tensors(path: Path, manifest: CapreseManifest, tensors: dict[str, torch.Tensor]):
+    hidden = manifest.base_model.hidden_size
+    dtype = _DTYPES[manifest.lowrank.dtype]
+    expected: dict[str, tuple[int, int]] = {}
+    for layer, rank in manifest.lowrank.ranks.items():
+        name_a, name_b = tensor_names(layer)
+        expected[name_a], expected[name_b] = (hidden, rank), (rank, hidden)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise AdapterError(f"{path}: tensor {missing[0]} is missing ({len(missing)} missing in all) although "
+                           f"{MANIFEST_FILE} lowrank.ranks lists its layer; re-export the adapter")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise AdapterError(f"{path}: unexpected tensor {extra[0]} ({len(extra)} in all) that {MANIFEST_FILE} "
+                           "lowrank.ranks does not list; re-export the adapter")
+    for name, shape in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != shape:
+            raise AdapterError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {shape} "
+                               f"(hidden_size x rank from {MANIFEST_FILE}); re-export the adapter")
+        if t.dtype != dtype:
+            raise AdapterError(f"{path}: tensor {name} is {t.dtype}, but {MANIFEST_FILE} lowrank.dtype says "
+                               f"{manifest.lowrank.dtype}; re-export the adapter")
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"{path}: tensor {name} contains NaN or Inf; the distillation diverged: "
+                               "distil again (lower learning rate)")
+    lowrank_a = {layer: tensors[tensor_names(layer)[0]] for layer in manifest.lowrank.ranks}
+    lowrank_b = {layer: tensors[tensor_names(layer)[1]] for layer in manifest.lowrank.ranks}
+    return lowrank_a, lowrank_b

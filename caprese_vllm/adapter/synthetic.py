@@ -1,0 +1,31 @@
+"""Adapters not fitted on data: zero (a no-op path) or random (benchmarks, plumbing tests)."""
+
+from __future__ import annotations
+
+import torch
+
+from caprese_vllm.adapter.checkpoint import CapreseAdapter
+from caprese_vllm.adapter.manifest import BaseModelInfo, CapreseManifest, LowRankInfo, TrainingInfo
+from caprese_vllm.methods import MethodSpec
+
+
+def synthetic_adapter(base: BaseModelInfo, method: MethodSpec, rank: int, scale: float = 0.0,
+                      seed: int = 0, dtype: str = "float32") -> CapreseAdapter:
+    """Rank-`rank` path on every compressed layer; entries ~ N(0, scale^2 / H) (scale 0: all zero).
+
+    With scale s, x @ A @ B has roughly s^2 * sqrt(r / H) times the norm of x: small s keeps a random
+    adapter from derailing generation while still changing outputs.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    hidden = base.hidden_size
+    lowrank_a, lowrank_b = {}, {}
+    for layer in method.layers:
+        lowrank_a[layer] = torch.randn(hidden, rank, generator=gen) * (scale / hidden ** 0.5)
+        lowrank_b[layer] = torch.randn(rank, hidden, generator=gen) * (scale / hidden ** 0.5)
+    kind = "random" if scale else "zero"
+    manifest = CapreseManifest(
+        base_model=base, method=method,
+        lowrank=LowRankInfo(ranks={layer: rank for layer in method.layers}, dtype=dtype),
+        training=TrainingInfo(data=f"{kind} adapter (scale={scale}, seed={seed}), not distilled"),
+    )
+    return CapreseAdapter(manifest=manifest, lowrank_a=lowrank_a, lowrank_b=lowrank_b)

@@ -1,0 +1,47 @@
+"""The Caprese low-rank path, and its folding into the FF projections.
+
+Unfused: y = sparse_FF(x) + (x @ lowrank_a) @ lowrank_b, lowrank_a [H, r], lowrank_b [r, H].
+
+Folded (the paper's merge, what the fast kernels run): with the k selected neurons' weights
+gate_w [k, H], up_w [k, H], down_w [H, k] (torch Linear layout, out x in):
+    gate_up_w = [gate_w ; up_w ; lowrank_a^T]      [2k + r, H]   one GEMM for all three
+    down_w'   = [down_w | lowrank_b^T]             [H, k + r]
+    h = x @ gate_up_w^T;  z = [act(h[:k]) * h[k:2k] | h[2k:]];  y = z @ down_w'^T
+The r extra channels are not gated and not activated, so they compute exactly x A B.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def default_rank(num_params: int, hidden_size: int, num_lowrank_layers: int,
+                 budget: float = 0.01, multiple: int = 8) -> int:
+    """Largest rank (a multiple of `multiple`, at most hidden_size) keeping A and B of every
+    low-rank layer within `budget` of the model's parameters (the paper: ~1%)."""
+    per_rank = 2 * hidden_size * max(num_lowrank_layers, 1)
+    rank = int(budget * num_params) // per_rank
+    rank = (rank // multiple) * multiple
+    return max(multiple, min(rank, hidden_size))
+
+
+def lowrank_forward(x: torch.Tensor, lowrank_a: torch.Tensor, lowrank_b: torch.Tensor) -> torch.Tensor:
+    """(x @ A) @ B for x [..., H]: two thin GEMMs, never the dense H x H product."""
+    return (x @ lowrank_a.to(x.dtype)) @ lowrank_b.to(x.dtype)
+
+
+def fold_lowrank(gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,
+                 lowrank_a: torch.Tensor, lowrank_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up_w [2k + r, H], down_w [H, k + r]) for the selected neurons plus the low-rank path."""
+    gate_up_w = torch.cat([gate_w, up_w, lowrank_a.t().to(gate_w.dtype)], dim=0)
+    folded_down_w = torch.cat([down_w, lowrank_b.t().to(down_w.dtype)], dim=1)
+    return gate_up_w, folded_down_w
+
+
+def folded_mlp_forward(x: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor, k: int,
+                       act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    h = x @ gate_up_w.t()                                        # [..., 2k + r]
+    z = torch.cat([act(h[..., :k]) * h[..., k:2 * k], h[..., 2 * k:]], dim=-1)  # [..., k + r]
+    return z @ down_w.t()

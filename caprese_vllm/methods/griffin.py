@@ -1,0 +1,46 @@
+"""GRIFFIN neuron selection (Dong et al. 2024, arXiv 2404.01365; reference code hdong920/GRIFFIN).
+
+During the prompt the FF block runs dense. From the prompt's FF activations
+`z = act(gate(x)) * up(x)` ([prompt_len, I]) each token row is scaled to unit L2 norm, the
+statistic of neuron j is the L2 norm of column j over the prompt's tokens, and the top
+`k = int(I * density)` neurons are kept for every generated token of that request.
+
+This matches `src/griffin/llama.py` (mode 'gen', selection_method 'topk'):
+    neuron_stat = (int_states / int_states.norm(dim=-1).unsqueeze(-1)).norm(dim=1)
+    k = int(int_states.shape[-1] * k_factor); torch.topk(neuron_stat, k)
+over all prompt tokens (the last one included). Deviations, all numerical, none in what is selected:
+- we keep the *squared* statistic (sum over tokens of squared normalised activations) in float32 and
+  accumulate it token by token, so a prompt split into chunks (vLLM's chunked prefill) gives the same
+  selection as one pass; top-k of the square equals top-k of the norm;
+- an all-zero activation row (never seen in practice) contributes nothing instead of NaN;
+- `neuron_idx` is returned sorted ascending, so gathers read weight rows in memory order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def griffin_k(intermediate_size: int, density: float) -> int:
+    return int(intermediate_size * density)
+
+
+def griffin_token_stat(z: torch.Tensor) -> torch.Tensor:
+    """Per-token contribution to the squared statistic: (z / ||z||)^2, [..., I] float32."""
+    z = z.float()
+    norm_sq = z.square().sum(dim=-1, keepdim=True).clamp_min(_TINY)
+    return z.square() / norm_sq
+
+
+def griffin_accumulate(stat_sq: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Add the masked tokens of z [B, S, I] to stat_sq [B, I] (in place); token_mask [B, S] bool."""
+    contrib = griffin_token_stat(z) * token_mask.unsqueeze(-1)
+    stat_sq += contrib.sum(dim=1)
+    return stat_sq
+
+
+def griffin_select(stat_sq: torch.Tensor, k: int) -> torch.Tensor:
+    """neuron_idx [B, k] int64: the k neurons with the largest statistic, ascending."""
+    return torch.topk(stat_sq, k, dim=-1).indices.sort(dim=-1).values

@@ -1,0 +1,155 @@
+"""Adapter checkpoints: round trip, and every kind of bad adapter refused with one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from caprese_vllm.adapter import (
+    MANIFEST_FILE, TENSORS_FILE, AdapterError, CapreseAdapter, base_info_from_dir, base_info_from_model,
+    synthetic_adapter,
+)
+from caprese_vllm.methods import MethodSpec
+from caprese_vllm.reference import patch_model, unpatch_model
+
+
+@pytest.fixture(scope="module")
+def smol_base(hf_models):
+    return base_info_from_model(hf_models["smollm2-135m"][0])
+
+
+@pytest.fixture
+def adapter_dir(smol_base, tmp_path):
+    method = MethodSpec(name="griffin", density=0.5, layers=[0, 1, 2])
+    return synthetic_adapter(smol_base, method, rank=8, scale=0.5, seed=1).save(tmp_path / "adapter")
+
+
+def edit_manifest(directory, **changes):
+    path = directory / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    for dotted, value in changes.items():
+        node, *keys = [data, *dotted.split("__")]
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+    path.write_text(json.dumps(data))
+
+
+def edit_tensors(directory, fn):
+    path = directory / TENSORS_FILE
+    tensors = load_file(str(path))
+    fn(tensors)
+    save_file(tensors, str(path))
+
+
+def refuse(directory, *fragments):
+    with pytest.raises(AdapterError) as err:
+        CapreseAdapter.load(directory)
+    message = str(err.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_round_trip(adapter_dir, smol_base):
+    loaded = CapreseAdapter.load(adapter_dir)
+    assert loaded.manifest.base_model == smol_base
+    assert loaded.manifest.lowrank.ranks == {0: 8, 1: 8, 2: 8}
+    assert loaded.lowrank_a[1].shape == (576, 8) and loaded.lowrank_b[1].shape == (8, 576)
+    loaded.check_base(smol_base)
+
+
+def test_fingerprint_from_files_equals_fingerprint_of_loaded_model(model_dirs, hf_models):
+    for name, path in model_dirs.items():
+        assert base_info_from_dir(path) == base_info_from_model(hf_models[name][0]), name
+
+
+def test_missing_directory(tmp_path):
+    refuse(tmp_path / "nope", "does not exist")
+
+
+def test_missing_manifest(adapter_dir):
+    (adapter_dir / MANIFEST_FILE).unlink()
+    refuse(adapter_dir, MANIFEST_FILE, "missing")
+
+
+def test_truncated_manifest(adapter_dir):
+    path = adapter_dir / MANIFEST_FILE
+    path.write_text(path.read_text()[:50])
+    refuse(adapter_dir, MANIFEST_FILE, "not valid JSON")
+
+
+def test_truncated_tensors(adapter_dir):
+    path = adapter_dir / TENSORS_FILE
+    path.write_bytes(path.read_bytes()[:100])
+    refuse(adapter_dir, TENSORS_FILE, "not a readable safetensors")
+
+
+def test_future_format_version(adapter_dir):
+    edit_manifest(adapter_dir, format_version=99)
+    refuse(adapter_dir, "format_version 99", "upgrade caprese-vllm")
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("method__density", 0.0, "method.density"),
+    ("method__density", 1.5, "method.density"),
+    ("lowrank__ranks", {"0": 0, "1": 8, "2": 8}, "lowrank.ranks[0] = 0"),
+    ("lowrank__ranks", {"0": 9999, "1": 8, "2": 8}, "hidden_size=576"),
+    ("method__name", "magic", "method.name"),
+    ("base_model__hidden_size", "wide", "base_model.hidden_size"),
+])
+def test_bad_manifest_fields(adapter_dir, field, value, fragment):
+    edit_manifest(adapter_dir, **{field: value})
+    refuse(adapter_dir, MANIFEST_FILE, fragment)
+
+
+def test_missing_tensor(adapter_dir):
+    edit_tensors(adapter_dir, lambda t: t.pop("layers.1.lowrank_b"))
+    refuse(adapter_dir, "layers.1.lowrank_b is missing")
+
+
+def test_extra_tensor(adapter_dir):
+    edit_tensors(adapter_dir, lambda t: t.__setitem__("layers.7.lowrank_a", torch.zeros(576, 8)))
+    refuse(adapter_dir, "unexpected tensor layers.7.lowrank_a")
+
+
+def test_wrong_shape(adapter_dir):
+    edit_tensors(adapter_dir, lambda t: t.__setitem__("layers.0.lowrank_a", torch.zeros(576, 4)))
+    refuse(adapter_dir, "layers.0.lowrank_a has shape (576, 4), expected (576, 8)")
+
+
+def test_wrong_dtype(adapter_dir):
+    edit_tensors(adapter_dir, lambda t: t.__setitem__("layers.0.lowrank_a", t["layers.0.lowrank_a"].half()))
+    refuse(adapter_dir, "layers.0.lowrank_a is torch.float16", "lowrank.dtype")
+
+
+def test_nan_tensor(adapter_dir):
+    def poison(t):
+        t["layers.2.lowrank_b"][0, 0] = float("nan")
+    edit_tensors(adapter_dir, poison)
+    refuse(adapter_dir, "layers.2.lowrank_b contains NaN or Inf")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("hidden_size", 640), ("intermediate_size", 2048), ("num_layers", 18),
+    ("fingerprint", "sha256:00000000000000000000000000000000"), ("architecture", "Gemma3ForCausalLM"),
+])
+def test_adapter_for_another_base_model_is_refused_before_patching(smol_base, tmp_path, hf_models, field, value):
+    other_base = smol_base.model_copy(update={field: value})
+    method = MethodSpec(name="griffin", density=0.5, layers=[0, 1, 2])
+    saved = synthetic_adapter(other_base, method, rank=8, scale=0.5).save(tmp_path / "other")
+    adapter = CapreseAdapter.load(saved)  # self-consistent, just not for this model
+    model = hf_models["smollm2-135m"][0]
+    with pytest.raises(AdapterError, match=f"base_model.{field} is"):
+        patch_model(model, adapter=adapter)
+    assert getattr(model, "_caprese_runtime", None) is None, "nothing may be half-patched"
+    unpatch_model(model)
+
+
+def test_adapter_of_other_real_model_is_refused(adapter_dir, hf_models):
+    with pytest.raises(AdapterError, match="base_model.architecture"):
+        patch_model(hf_models["gemma3-270m"][0], adapter=CapreseAdapter.load(adapter_dir))
