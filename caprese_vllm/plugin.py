@@ -1,19 +1,37 @@
 """vLLM general plugin entry point (`vllm.general_plugins` -> `caprese = caprese_vllm.plugin:register`).
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers), possibly
-more than once per process, so it must be idempotent and cheap.
+more than once per process, so it is idempotent and cheap. It wraps
+`EngineArgs.create_engine_config`, which runs in the front-end process once the CLI or `LLM(...)`
+arguments are known. When `--additional-config` holds `caprese_adapter`, that wrapper
+  - validates the Caprese settings and the adapter before anything starts (one clear error line);
+  - turns prefix caching off (a cache hit would skip prompt tokens whose FF activations GRIFFIN's
+    selection needs), with a log line saying so;
+  - registers the Caprese model classes over vLLM's Llama/Gemma2/Gemma3/Qwen2 classes and sets
+    CAPRESE_ACTIVE=1 so the engine processes it spawns register them too.
+Without an adapter nothing is registered and vLLM runs exactly as it would without this package.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 
 from caprese_vllm import __version__
 
-# A child of vLLM's logger, so our lines carry vLLM's format and process prefix.
 logger = logging.getLogger("vllm.caprese")
 
+ACTIVE_ENV = "CAPRESE_ACTIVE"
+ARCHITECTURES = {
+    "LlamaForCausalLM": "CapreseLlamaForCausalLM",
+    "Gemma2ForCausalLM": "CapreseGemma2ForCausalLM",
+    "Gemma3ForCausalLM": "CapreseGemma3ForCausalLM",
+    "Qwen2ForCausalLM": "CapreseQwen2ForCausalLM",
+}
+
 _registered = False
+_models_registered = False
 
 
 def register() -> None:
@@ -23,4 +41,53 @@ def register() -> None:
     import vllm
 
     _registered = True
+    _wrap_create_engine_config()
+    if os.environ.get(ACTIVE_ENV) == "1":
+        register_models()
     logger.info("caprese-vllm %s plugin registered (vLLM %s)", __version__, vllm.__version__)
+
+
+def register_models() -> None:
+    global _models_registered
+    if _models_registered:
+        return
+    import warnings
+
+    from vllm import ModelRegistry
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for arch, cls in ARCHITECTURES.items():
+            ModelRegistry.register_model(arch, f"caprese_vllm.engine.models:{cls}")
+    _models_registered = True
+
+
+def _wrap_create_engine_config() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_caprese_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        from caprese_vllm.engine.config import CapreseServeConfig
+
+        serve = CapreseServeConfig.from_additional_config(self.additional_config)
+        if serve is not None:
+            from caprese_vllm.adapter import CapreseAdapter
+
+            adapter = CapreseAdapter.load(serve.adapter)  # fail here, before any process starts
+            if self.enable_prefix_caching is not False:
+                logger.info("caprese: prefix caching disabled: GRIFFIN selects neurons from every prompt "
+                            "token's FF activations, which a prefix-cache hit would skip")
+            self.enable_prefix_caching = False
+            os.environ[ACTIVE_ENV] = "1"
+            register_models()
+            method = adapter.manifest.method
+            logger.info("caprese: serving with adapter %s (%s, density %.3f)", serve.adapter, method.name,
+                        serve.density or method.density)
+        return original(self, *args, **kwargs)
+
+    create_engine_config._caprese_wrapped = True
+    EngineArgs.create_engine_config = create_engine_config

@@ -30,12 +30,14 @@ class VllmRun:
 
 def run_vllm_generate(model_dir: Path, prompts: list[str], max_tokens: int, tmp_path: Path,
                       dtype: str = "float32", env: dict[str, str] | None = None,
-                      timeout_s: int = 900) -> VllmRun:
+                      extra_args: dict[str, str] | None = None, timeout_s: int = 900) -> VllmRun:
     """Start real vLLM in a child process, generate greedily, return outputs and its whole log."""
     out = tmp_path / "vllm_out.json"
     cmd = [sys.executable, str(TESTS_DIR / "vllm_generate.py"), "--model", str(model_dir),
            "--prompts-json", json.dumps(prompts), "--max-tokens", str(max_tokens),
            "--dtype", dtype, "--out", str(out)]
+    for key, value in (extra_args or {}).items():
+        cmd += [f"--{key.replace('_', '-')}", value]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                           env={**os.environ, **(env or {})})
     log = proc.stdout + proc.stderr

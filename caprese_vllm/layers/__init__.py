@@ -1,0 +1,1 @@
+"""vLLM layers that Caprese puts into served models."""
