@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 
 from caprese_vllm import __version__
 
@@ -71,23 +72,46 @@ def _wrap_create_engine_config() -> None:
 
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
-        from caprese_vllm.engine.config import CapreseServeConfig
-
-        serve = CapreseServeConfig.from_additional_config(self.additional_config)
-        if serve is not None:
-            from caprese_vllm.adapter import CapreseAdapter
-
-            adapter = CapreseAdapter.load(serve.adapter)  # fail here, before any process starts
-            if self.enable_prefix_caching is not False:
-                logger.info("caprese: prefix caching disabled: GRIFFIN selects neurons from every prompt "
-                            "token's FF activations, which a prefix-cache hit would skip")
-            self.enable_prefix_caching = False
-            os.environ[ACTIVE_ENV] = "1"
-            register_models()
-            method = adapter.manifest.method
-            logger.info("caprese: serving with adapter %s (%s, density %.3f)", serve.adapter, method.name,
-                        serve.density or method.density)
-        return original(self, *args, **kwargs)
+        try:
+            return _create_engine_config(original, self, *args, **kwargs)
+        except ValueError as err:  # AdapterError and bad caprese_* settings
+            if "caprese" not in str(err).lower() and not _is_adapter_error(err):
+                raise
+            if os.path.basename(sys.argv[0]) == "vllm":
+                raise SystemExit(f"vllm: error: {err}") from None  # one line, exit status 1
+            raise
 
     create_engine_config._caprese_wrapped = True
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _is_adapter_error(err: Exception) -> bool:
+    from caprese_vllm.adapter import AdapterError
+
+    return isinstance(err, AdapterError)
+
+
+def _create_engine_config(original, engine_args, *args, **kwargs):
+    from caprese_vllm.engine.config import CapreseServeConfig
+
+    serve = CapreseServeConfig.from_additional_config(engine_args.additional_config)
+    if serve is None:
+        return original(engine_args, *args, **kwargs)
+    from caprese_vllm.adapter import CapreseAdapter
+
+    CapreseAdapter.load(serve.adapter)  # files and manifest, before vLLM does any work
+    if engine_args.enable_prefix_caching is not False:
+        logger.info("caprese: prefix caching disabled: GRIFFIN selects neurons from every prompt "
+                    "token's FF activations, which a prefix-cache hit would skip")
+    engine_args.enable_prefix_caching = False
+    vllm_config = original(engine_args, *args, **kwargs)
+
+    from caprese_vllm.engine.install import load_checked_adapter
+
+    adapter = load_checked_adapter(serve, vllm_config)  # sizes and weight fingerprint vs. the model
+    os.environ[ACTIVE_ENV] = "1"
+    register_models()
+    method = adapter.manifest.method
+    logger.info("caprese: serving with adapter %s (%s, density %.3f on %d layers)", serve.adapter,
+                method.name, method.density, len(method.layers))
+    return vllm_config

@@ -1,0 +1,104 @@
+"""Per-request GRIFFIN state in the engine: chunking, slot reuse and preemption, step by step.
+
+Drives the real CapreseBatchState and caprese::griffin_sparsify op with the StepInfo sequences
+vLLM's runners produce, and checks every selection against GRIFFIN over the whole prompt.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from caprese_vllm.engine import ops  # noqa: F401
+from caprese_vllm.engine.batch_state import CapreseBatchState
+from caprese_vllm.engine.step_info import StepInfo
+from caprese_vllm.methods import griffin_accumulate, griffin_select
+
+INTER, K = 64, 16
+
+
+class Harness:
+    """One GRIFFIN layer; each request's token activations are fixed random rows per position."""
+
+    def __init__(self, max_slots=4):
+        self.state = CapreseBatchState(max_slots=max_slots, max_tokens=256, device=torch.device("cpu"))
+        self.layer = self.state.add_griffin_layer(INTER, K)
+        self.z: dict[str, torch.Tensor] = {}
+
+    def acts(self, req, seed):
+        self.z[req] = torch.randn(100, INTER, generator=torch.Generator().manual_seed(seed))
+
+    def step(self, reqs, finished=()):
+        """reqs: (req_id, chunk_start, num_tokens, prompt_len, in_prefill)."""
+        info = StepInfo(req_ids=[r[0] for r in reqs], num_scheduled=np.array([r[2] for r in reqs]),
+                        chunk_start=np.array([r[1] for r in reqs]), prompt_len=np.array([r[3] for r in reqs]),
+                        in_prefill=np.array([r[4] for r in reqs]), finished_req_ids=set(finished))
+        self.state.on_step(info)
+        z = torch.cat([self.z[r[0]][r[1]:r[1] + r[2]] for r in reqs])
+        n = z.shape[0]
+        s = self.state
+        return torch.ops.caprese.griffin_sparsify(z, s.token_slot[:n], s.token_stat[:n], s.token_dense[:n],
+                                                  self.layer.stat_sq, self.layer.neuron_idx), z
+
+    def expected_idx(self, req, prompt_len):
+        stat = torch.zeros(1, INTER)
+        griffin_accumulate(stat, self.z[req][None, :prompt_len], torch.ones(1, prompt_len, dtype=torch.bool))
+        return griffin_select(stat, K)[0]
+
+    def kept(self, out_row):
+        return torch.nonzero(out_row != 0).flatten()
+
+
+def test_chunked_prompt_then_decode_uses_whole_prompt_selection():
+    h = Harness()
+    h.acts("a", 1)
+    h.step([("a", 0, 4, 10, True)])
+    h.step([("a", 4, 4, 10, True)])
+    out, z = h.step([("a", 8, 2, 10, True)])
+    assert torch.equal(out, z), "prompt tokens run dense"
+    out, _ = h.step([("a", 10, 1, 10, False)])
+    assert torch.equal(h.kept(out[0]), h.expected_idx("a", 10))
+
+
+def test_mixed_batch_each_decode_token_uses_its_own_request():
+    h = Harness()
+    h.acts("a", 1), h.acts("b", 2)
+    h.step([("a", 0, 6, 6, True), ("b", 0, 9, 9, True)])
+    h.acts("c", 3)
+    out, z = h.step([("a", 6, 1, 6, False), ("c", 0, 5, 5, True), ("b", 9, 1, 9, False)])
+    assert torch.equal(h.kept(out[0]), h.expected_idx("a", 6))
+    assert torch.equal(out[1:6], z[1:6])
+    assert torch.equal(h.kept(out[6]), h.expected_idx("b", 9))
+
+
+def test_reused_slot_starts_from_clean_statistics():
+    h = Harness(max_slots=1)
+    h.acts("a", 1), h.acts("b", 2)
+    h.step([("a", 0, 8, 8, True)])
+    h.step([("a", 8, 1, 8, False)])
+    h.step([("b", 0, 7, 7, True)], finished={"a"})
+    assert h.state.slot_of == {"b": 0}
+    out, _ = h.step([("b", 7, 1, 7, False)])
+    assert torch.equal(h.kept(out[0]), h.expected_idx("b", 7))
+
+
+def test_preemption_and_recompute_give_the_same_selection():
+    h = Harness()
+    h.acts("a", 1)
+    h.step([("a", 0, 12, 12, True)])
+    first, _ = h.step([("a", 12, 1, 12, False)])
+    h.step([("a", 13, 1, 12, False)])
+    # Preempted, then resumed: vLLM recomputes prompt + the 2 generated tokens in one prefill.
+    out, z = h.step([("a", 0, 14, 12, True)], finished={"a"})
+    assert torch.equal(out, z), "recomputed tokens run dense"
+    again, _ = h.step([("a", 14, 1, 12, False)])
+    assert torch.equal(h.kept(again[0]), h.kept(first[0])) and torch.equal(h.kept(first[0]), h.expected_idx("a", 12))
+
+
+def test_padding_tokens_point_at_the_dummy_slot_and_stay_dense():
+    h = Harness()
+    h.acts("a", 1)
+    h.step([("a", 0, 5, 5, True)])
+    s = h.state
+    assert bool(s.token_dense[5:].all()) and bool((s.token_slot[5:] == s.dummy_slot).all())
+    assert not bool(s.token_stat[5:].any())

@@ -1,0 +1,56 @@
+"""`vllm serve MODEL --caprese-adapter PATH` as written, answering the official openai client."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from caprese_vllm.adapter import base_info_from_dir, synthetic_adapter
+from caprese_vllm.methods import MethodSpec, default_layers
+from conftest import VllmServer
+
+
+@pytest.fixture(scope="module")
+def smol_adapter(model_dirs, tmp_path_factory) -> Path:
+    base = base_info_from_dir(model_dirs["smollm2-135m"])
+    method = MethodSpec(name="griffin", density=0.5, layers=default_layers("griffin", base.num_layers))
+    return synthetic_adapter(base, method, rank=16, scale=0.5, seed=7).save(tmp_path_factory.mktemp("a") / "ad")
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs, smol_adapter, tmp_path_factory):
+    srv = VllmServer(model_dirs["smollm2-135m"], ["--caprese-adapter", str(smol_adapter),
+                                                  "--served-model-name", "smollm2-caprese"],
+                     tmp_path_factory.mktemp("server") / "server.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.vllm
+def test_openai_client_chat_and_completion(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["smollm2-caprese"]
+    chat = client.chat.completions.create(model="smollm2-caprese", temperature=0, max_tokens=24,
+                                          messages=[{"role": "user", "content": "What is 7 times 6?"}])
+    assert chat.choices[0].message.content.strip()
+    completion = client.completions.create(model="smollm2-caprese", prompt="2 + 2 =", max_tokens=8, temperature=0)
+    assert completion.choices[0].text
+    log = server.log()
+    assert "caprese: adapter" in log and "method griffin density 0.500 on 15/30 layers" in log
+    assert "prefix caching disabled" in log
+
+
+@pytest.mark.vllm
+def test_bad_adapter_is_refused_with_one_line(model_dirs, tmp_path):
+    vllm_bin = Path(sys.executable).parent / "vllm"
+    proc = subprocess.run([str(vllm_bin), "serve", str(model_dirs["gemma3-270m"]), "--caprese-adapter",
+                           str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vllm: error: ") and "adapter directory does not exist" in last
+    assert "Traceback" not in proc.stderr
