@@ -29,10 +29,11 @@ class Harness:
         self.z[req] = torch.randn(100, INTER, generator=torch.Generator().manual_seed(seed))
 
     def step(self, reqs, finished=()):
-        """reqs: (req_id, chunk_start, num_tokens, prompt_len, in_prefill)."""
+        """reqs: (req_id, chunk_start, num_tokens, prompt_len, in_prefill); finished: ids the runner dropped."""
+        self.live = (getattr(self, "live", set()) | {r[0] for r in reqs}) - set(finished)
         info = StepInfo(req_ids=[r[0] for r in reqs], num_scheduled=np.array([r[2] for r in reqs]),
                         chunk_start=np.array([r[1] for r in reqs]), prompt_len=np.array([r[3] for r in reqs]),
-                        in_prefill=np.array([r[4] for r in reqs]), finished_req_ids=set(finished))
+                        in_prefill=np.array([r[4] for r in reqs]), live_req_ids=set(self.live))
         self.state.on_step(info)
         z = torch.cat([self.z[r[0]][r[1]:r[1] + r[2]] for r in reqs])
         n = z.shape[0]
@@ -89,7 +90,7 @@ def test_preemption_and_recompute_give_the_same_selection():
     first, _ = h.step([("a", 12, 1, 12, False)])
     h.step([("a", 13, 1, 12, False)])
     # Preempted, then resumed: vLLM recomputes prompt + the 2 generated tokens in one prefill.
-    out, z = h.step([("a", 0, 14, 12, True)], finished={"a"})
+    out, z = h.step([("a", 0, 14, 12, True)])
     assert torch.equal(out, z), "recomputed tokens run dense"
     again, _ = h.step([("a", 14, 1, 12, False)])
     assert torch.equal(h.kept(again[0]), h.kept(first[0])) and torch.equal(h.kept(first[0]), h.expected_idx("a", 12))
@@ -102,3 +103,14 @@ def test_padding_tokens_point_at_the_dummy_slot_and_stay_dense():
     s = h.state
     assert bool(s.token_dense[5:].all()) and bool((s.token_slot[5:] == s.dummy_slot).all())
     assert not bool(s.token_stat[5:].any())
+
+
+def test_slots_of_requests_the_runner_dropped_are_freed_without_a_finished_notice():
+    """A step that schedules no tokens never reaches the hook: its finished ids are never seen."""
+    h = Harness(max_slots=2)
+    for i in range(6):
+        req = f"r{i}"
+        h.acts(req, i)
+        h.live = set()  # every earlier request finished in a token-less step
+        h.step([(req, 0, 4, 4, True)])
+    assert h.state.slot_of.keys() == {"r5"}

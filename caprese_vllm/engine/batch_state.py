@@ -2,7 +2,7 @@
 
 Every running request owns a slot in [0, max_slots); slot `max_slots` is a dummy that padding
 tokens and warm-up runs point at. Before each step (see step_info.py) the host:
-  1. frees the slots of finished or preempted requests and gives new requests a slot;
+  1. frees the slots of requests the runner no longer holds and gives new requests a slot;
   2. resets a slot's statistics when its request starts (again) from position 0 (new request,
      or recompute after preemption), so a reused slot never leaks another request's state;
   3. takes the top-k for slots whose prompt is complete and which decode in this step;
@@ -63,17 +63,15 @@ class CapreseBatchState:
         return len(self.slot_of)
 
     def on_step(self, info: StepInfo) -> None:
-        for req_id in info.finished_req_ids:
-            slot = self.slot_of.pop(req_id, None)
-            if slot is not None:
-                self.free_slots.append(slot)
+        for req_id in [r for r in self.slot_of if r not in info.live_req_ids]:
+            self.free_slots.append(self.slot_of.pop(req_id))
         slots = np.empty(len(info.req_ids), dtype=np.int64)
         for i, req_id in enumerate(info.req_ids):
             slot = self.slot_of.get(req_id)
             if slot is None:
                 if not self.free_slots:
-                    raise RuntimeError(f"caprese: no free state slot for request {req_id} "
-                                       f"({self.max_slots} in use); raise max_num_seqs")
+                    raise RuntimeError(f"caprese: no free state slot for request {req_id}: all "
+                                       f"{self.max_slots} hold live requests")
                 slot = self.free_slots.pop()
                 self.slot_of[req_id] = slot
             slots[i] = slot

@@ -80,7 +80,8 @@ def install_caprese(model: nn.Module, vllm_config) -> None:
     text = text_config(vllm_config.model_config.hf_config)
     device = next(model.parameters()).device
     sched = vllm_config.scheduler_config
-    batch_state = CapreseBatchState(max_slots=sched.max_num_seqs,
+    # The runner may hold more requests than it schedules at once (waiting, preempted): margin.
+    batch_state = CapreseBatchState(max_slots=2 * sched.max_num_seqs + 2,
                                     max_tokens=sched.max_num_batched_tokens + sched.max_num_seqs, device=device)
     act = _hidden_act(text)
     dtype = vllm_config.model_config.dtype

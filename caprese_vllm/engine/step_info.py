@@ -32,7 +32,9 @@ class StepInfo:
     chunk_start: np.ndarray      # [R] position of each request's first token in this step
     prompt_len: np.ndarray       # [R] original prompt length
     in_prefill: np.ndarray       # [R] bool: the request is (re)computing known tokens, not decoding
-    finished_req_ids: set[str]   # finished or preempted since the last step: free their state
+    # Requests the runner still holds: any other request's state can be freed. (Finished ids in the
+    # scheduler output are not enough: a step that schedules no tokens never reaches this hook.)
+    live_req_ids: set[str]
 
 
 StepListener = Callable[[StepInfo], None]
@@ -44,12 +46,6 @@ def set_step_listener(listener: StepListener | None) -> None:
     _listener = listener
     if listener is not None:
         _install_hooks()
-
-
-def _ended(scheduler_output) -> set[str]:
-    ended = set(scheduler_output.finished_req_ids)
-    ended |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
-    return ended
 
 
 def _v1_prepare_inputs(original):
@@ -67,7 +63,7 @@ def _v1_prepare_inputs(original):
                 prompt_len=batch.num_prompt_tokens[:n].astype(np.int64),
                 # Decoding computes exactly the last known token; anything before it is (re)prefill.
                 in_prefill=computed < known - 1,
-                finished_req_ids=_ended(scheduler_output),
+                live_req_ids=set(self.requests),
             ))
         return original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
 
@@ -90,7 +86,7 @@ def _v2_prepare_inputs(original):
                 chunk_start=chunk_start,
                 prompt_len=self.req_states.prompt_len.np[idx].astype(np.int64),
                 in_prefill=in_prefill,
-                finished_req_ids=_ended(scheduler_output),
+                live_req_ids=set(self.req_states.req_id_to_index),
             ))
         return input_batch
 
