@@ -73,12 +73,14 @@ def worker(args) -> None:
             llm.generate(prompts, params, use_tqdm=False)
             return time.perf_counter() - start
 
+        print(f"batch {batch}: warm-up", file=sys.stderr, flush=True)
         timed(args.decode_steps)  # warm-up
         ttnt = []
         for _ in range(args.repeats):
             t_prefill, t_full = timed(1), timed(1 + args.decode_steps)
             ttnt.append((t_full - t_prefill) / args.decode_steps * 1000)
         results[batch] = statistics.median(ttnt)
+        print(f"batch {batch}: {results[batch]:.2f} ms per decode step", file=sys.stderr, flush=True)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=list(range(100, 164)))],
                            SamplingParams(temperature=0.0, max_tokens=8, detokenize=False), use_tqdm=False)
     print("RESULT " + json.dumps({"ttnt_ms": results, "sample_tokens": list(outputs[0].outputs[0].token_ids)}),
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--log-dir", type=Path, default=None, help="keep each engine's full log here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -113,13 +116,19 @@ def main() -> None:
                        "--prompt-len", str(args.prompt_len), "--decode-steps", str(args.decode_steps),
                        "--repeats", str(args.repeats), "--rank", str(args.rank), "--density", str(args.density)]
                 start = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+                log_dir = args.log_dir or Path(workdir)
+                log_dir.mkdir(parents=True, exist_ok=True)
+                log_path = log_dir / f"{model}-{variant}.log"
+                with open(log_path, "w") as log:
+                    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=os.environ)
+                stderr = log_path.read_text()
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
-                    print(f"[{model} {variant}] FAILED (exit {proc.returncode}):\n{proc.stderr[-6000:]}", flush=True)
+                    print(f"[{model} {variant}] FAILED (exit {proc.returncode}), log {log_path}:\n{stderr[-6000:]}",
+                          flush=True)
                     continue
                 table.setdefault(model, {})[variant] = json.loads(line[len("RESULT "):])
-                caprese_lines = [ln for ln in proc.stderr.splitlines() if "caprese" in ln.lower()]
+                caprese_lines = [ln for ln in stderr.splitlines() if "caprese" in ln.lower()]
                 print(f"[{model} {variant}] done in {time.perf_counter() - start:.0f}s", flush=True)
                 for ln in caprese_lines[-6:]:
                     print("    " + ln[-220:], flush=True)
