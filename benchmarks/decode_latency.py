@@ -58,7 +58,7 @@ def worker(args) -> None:
     max_batch = max(args.batch_sizes)
     llm = LLM(model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=args.prompt_len + args.decode_steps + 8, max_num_seqs=max_batch,
-              gpu_memory_utilization=0.85, seed=0, **extra)
+              gpu_memory_utilization=0.85, seed=0, enforce_eager=args.enforce_eager, **extra)
     import random
 
     rng = random.Random(0)
@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--log-dir", type=Path, default=None, help="keep each engine's full log here")
+    parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -114,15 +115,16 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--worker", "--workdir", workdir, "--models", model,
                        "--variants", variant, "--batch-sizes", *map(str, args.batch_sizes),
                        "--prompt-len", str(args.prompt_len), "--decode-steps", str(args.decode_steps),
-                       "--repeats", str(args.repeats), "--rank", str(args.rank), "--density", str(args.density)]
+                       "--repeats", str(args.repeats), "--rank", str(args.rank), "--density", str(args.density),
+                       *(["--enforce-eager"] if args.enforce_eager else [])]
                 start = time.perf_counter()
                 log_dir = args.log_dir or Path(workdir)
                 log_dir.mkdir(parents=True, exist_ok=True)
                 log_path = log_dir / f"{model}-{variant}.log"
-                with open(log_path, "w") as log:
-                    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=os.environ)
+                with open(log_path, "w") as log:  # vLLM logs to stdout: keep both streams in the file
+                    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=os.environ)
                 stderr = log_path.read_text()
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                line = next((ln for ln in stderr.splitlines() if ln.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
                     print(f"[{model} {variant}] FAILED (exit {proc.returncode}), log {log_path}:\n{stderr[-6000:]}",
                           flush=True)
