@@ -53,6 +53,10 @@ def worker(args) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    if os.environ.get("CAPRESE_BENCH_STACKS"):  # diagnosis: dump every thread's stack periodically
+        import faulthandler
+
+        faulthandler.dump_traceback_later(int(os.environ["CAPRESE_BENCH_STACKS"]), repeat=True)
     root = Path(args.workdir)
     model_dir, extra = make_model_dir(args.models[0], args.variants[0], root, args.rank, args.density)
     max_batch = max(args.batch_sizes)

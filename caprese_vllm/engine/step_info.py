@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -96,23 +97,28 @@ def _v2_prepare_inputs(original):
 _hooked = False
 
 
+_RUNNERS = (
+    ("V1", "vllm.v1.worker.gpu_model_runner", "_prepare_inputs", _v1_prepare_inputs),
+    ("V2", "vllm.v1.worker.gpu.model_runner", "prepare_inputs", _v2_prepare_inputs),
+)
+
+
 def _install_hooks() -> None:
+    """Wrap the runner class(es) already imported by this process (the one building the model).
+
+    Nothing is imported here: the model is being built from inside the runner, possibly on a
+    loader thread, and importing the other runner generation there is slow at best.
+    """
     global _hooked
     if _hooked:
         return
     installed = []
-    try:
-        from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
-        V1Runner._prepare_inputs = _v1_prepare_inputs(V1Runner._prepare_inputs)
-        installed.append("V1")
-    except (ImportError, AttributeError) as err:  # pragma: no cover - depends on the vLLM build
-        logger.debug("caprese: no V1 model runner hook (%s)", err)
-    try:
-        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
-        V2Runner.prepare_inputs = _v2_prepare_inputs(V2Runner.prepare_inputs)
-        installed.append("V2")
-    except (ImportError, AttributeError) as err:  # pragma: no cover
-        logger.debug("caprese: no V2 model runner hook (%s)", err)
+    for name, module_name, method, wrap in _RUNNERS:
+        module = sys.modules.get(module_name)
+        runner = getattr(module, "GPUModelRunner", None) if module is not None else None
+        if runner is not None and hasattr(runner, method):
+            setattr(runner, method, wrap(getattr(runner, method)))
+            installed.append(name)
     if not installed:
         raise RuntimeError("caprese-vllm found no vLLM model runner to hook: unsupported vLLM version")
     _hooked = True
