@@ -58,7 +58,10 @@ def worker(args) -> None:
 
         faulthandler.dump_traceback_later(int(os.environ["CAPRESE_BENCH_STACKS"]), repeat=True)
     root = Path(args.workdir)
-    model_dir, extra = make_model_dir(args.models[0], args.variants[0], root, args.rank, args.density)
+    from caprese_vllm.fork_safety import no_cpu_thread_pool
+
+    with no_cpu_thread_pool():  # this process forks vLLM's engine core next
+        model_dir, extra = make_model_dir(args.models[0], args.variants[0], root, args.rank, args.density)
     max_batch = max(args.batch_sizes)
     llm = LLM(model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=args.prompt_len + args.decode_steps + 8, max_num_seqs=max_batch,

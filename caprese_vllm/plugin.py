@@ -14,7 +14,6 @@ Without an adapter nothing is registered and vLLM runs exactly as it would witho
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -92,22 +91,10 @@ def _is_adapter_error(err: Exception) -> bool:
     return isinstance(err, AdapterError)
 
 
-@contextlib.contextmanager
-def _no_cpu_thread_pool():
-    """Run torch CPU ops inline. vLLM may fork the engine core from this process after we return;
-    a fork taken while torch's OpenMP pool exists deadlocks the child on its first parallel op."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _create_engine_config(original, engine_args, *args, **kwargs):
-    with _no_cpu_thread_pool():
+    from caprese_vllm.fork_safety import no_cpu_thread_pool
+
+    with no_cpu_thread_pool():  # vLLM may fork the engine core from this process next
         return _create_engine_config_single_threaded(original, engine_args, *args, **kwargs)
 
 
