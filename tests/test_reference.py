@@ -218,3 +218,15 @@ def test_sampled_generation_runs_with_kv_cache(model_tok):
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=True,
                          top_p=0.9, temperature=0.8)
     assert out.shape[1] == ids.shape[1] + 10 or tok.eos_token_id in out[0, ids.shape[1]:].tolist()
+
+
+def test_default_rank_keeps_about_one_percent_extra_parameters(hf_models):
+    from caprese_vllm.lowrank import default_rank
+
+    # Llama-3.1-8B, all 32 layers: the paper's r = 256 is 0.84%; the ~1% default lands just above.
+    r = default_rank(8_030_000_000, 4096, 32)
+    assert r % 8 == 0 and 0.009 <= 2 * 4096 * r * 32 / 8.03e9 <= 0.01
+    model = hf_models["smollm2-135m"][0]
+    n_params = sum(p.numel() for p in model.parameters())
+    r = default_rank(n_params, 576, 15)
+    assert 0.007 <= 2 * 576 * r * 15 / n_params <= 0.01
