@@ -65,19 +65,25 @@ def test_density_one_reproduces_dense_exactly(model_tok):
     assert torch.equal(tokens, dense_tokens) and torch.equal(scores, dense_scores)
 
 
+def sparse_then_with_adapter(model, ids, scale: float):
+    """Teacher-forced logits and greedy decode of GRIFFIN 0.5 without, then with, a rank-16 adapter
+    of the given scale; the model is left patched with the adapter."""
+    method = griffin(model, 0.5)
+    runs = []
+    for adapter in (None, synthetic_adapter(base_info_from_model(model), method, rank=16, scale=scale)):
+        unpatch_model(model)
+        patch_model(model, method, adapter)
+        runs.append((teacher_forced_logits(model, ids, prompt_len=10), *greedy(model, ids)))
+    return runs
+
+
 @torch.no_grad()
 def test_zero_lowrank_changes_nothing(model_tok):
     model, tok = model_tok
-    ids = encode(tok, PROMPTS[0])
-    method = griffin(model, 0.5)
-    patch_model(model, method)
-    sparse_logits = teacher_forced_logits(model, ids, prompt_len=10)
-    sparse_tokens, sparse_scores = greedy(model, ids)
-    unpatch_model(model)
-    patch_model(model, adapter=synthetic_adapter(base_info_from_model(model), method, rank=16, scale=0.0))
-    assert torch.equal(teacher_forced_logits(model, ids, prompt_len=10), sparse_logits)
-    tokens, scores = greedy(model, ids)
-    assert torch.equal(tokens, sparse_tokens) and torch.equal(scores, sparse_scores)
+    (plain, plain_tokens, plain_scores), (zero, tokens, scores) = sparse_then_with_adapter(
+        model, encode(tok, PROMPTS[0]), scale=0.0)
+    assert torch.equal(zero, plain)
+    assert torch.equal(tokens, plain_tokens) and torch.equal(scores, plain_scores)
 
 
 class GriffinRepoMLP(nn.Module):
@@ -148,13 +154,7 @@ def test_griffin_selection_is_per_sequence_and_padding_free(model_tok):
 @torch.no_grad()
 def test_lowrank_path_applies_to_generated_tokens_only(model_tok):
     model, tok = model_tok
-    ids = encode(tok, PROMPTS[0])
-    method = griffin(model, 0.5)
-    patch_model(model, method)
-    plain = teacher_forced_logits(model, ids, prompt_len=10)
-    unpatch_model(model)
-    patch_model(model, adapter=synthetic_adapter(base_info_from_model(model), method, rank=16, scale=0.5))
-    with_path = teacher_forced_logits(model, ids, prompt_len=10)
+    (plain, *_), (with_path, *_) = sparse_then_with_adapter(model, encode(tok, PROMPTS[0]), scale=0.5)
     assert torch.equal(with_path[:, :10], plain[:, :10]), "prompt tokens run the dense model"
     assert (with_path[:, 10:] - plain[:, 10:]).abs().max() > 1e-3
 
