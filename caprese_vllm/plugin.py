@@ -106,7 +106,7 @@ def _create_engine_config_single_threaded(original, engine_args, *args, **kwargs
         return original(engine_args, *args, **kwargs)
     from caprese_vllm.adapter import CapreseAdapter
 
-    CapreseAdapter.load(serve.adapter)  # files and manifest, before vLLM does any work
+    adapter = CapreseAdapter.load(serve.adapter)  # files and manifest, before vLLM does any work
     if engine_args.enable_prefix_caching is not False:
         logger.info("caprese: prefix caching disabled: GRIFFIN selects neurons from every prompt "
                     "token's FF activations, which a prefix-cache hit would skip")
@@ -115,7 +115,7 @@ def _create_engine_config_single_threaded(original, engine_args, *args, **kwargs
 
     from caprese_vllm.engine.install import load_checked_adapter
 
-    adapter = load_checked_adapter(serve, vllm_config)  # sizes and weight fingerprint vs. the model
+    load_checked_adapter(serve, vllm_config, adapter)  # sizes and weight fingerprint vs. the model
     os.environ[ACTIVE_ENV] = "1"
     register_models()
     method = adapter.manifest.method

@@ -41,9 +41,10 @@ def _fingerprint_source(vllm_config) -> Path | None:
         return None
 
 
-def load_checked_adapter(serve: CapreseServeConfig, vllm_config) -> CapreseAdapter:
-    """The adapter, validated against the model vLLM is serving; raises AdapterError otherwise."""
-    adapter = CapreseAdapter.load(serve.adapter)
+def load_checked_adapter(serve: CapreseServeConfig, vllm_config,
+                         adapter: CapreseAdapter | None = None) -> CapreseAdapter:
+    """The adapter (loaded unless given), validated against the model vLLM is serving."""
+    adapter = adapter if adapter is not None else CapreseAdapter.load(serve.adapter)
     hf_config = vllm_config.model_config.hf_config
     num_layers = text_config(hf_config).num_hidden_layers
     load_format = str(getattr(vllm_config.load_config, "load_format", "auto"))
