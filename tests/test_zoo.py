@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -105,7 +104,7 @@ def test_cli_prints_path_and_reports_errors(model_dirs, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     bad = subprocess.run([*cli, "fetch", "smollm2-135m", "--quiet", "--dir", str(blocker / "models")],
-                         capture_output=True, text=True, env={**os.environ})
+                         capture_output=True, text=True)
     assert bad.returncode == 1
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("caprese-models: error:"), bad.stderr

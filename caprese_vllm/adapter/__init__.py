@@ -5,13 +5,10 @@ from caprese_vllm.adapter.checkpoint import AdapterError, CapreseAdapter, tensor
 from caprese_vllm.adapter.manifest import (
     FORMAT_VERSION, MANIFEST_FILE, TENSORS_FILE, BaseModelInfo, CapreseManifest, LowRankInfo, TrainingInfo,
 )
+from caprese_vllm.adapter.synthetic import synthetic_adapter
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST_FILE", "TENSORS_FILE", "AdapterError", "BaseModelInfo", "CapreseAdapter",
     "CapreseManifest", "LowRankInfo", "TrainingInfo", "base_info_from_config", "base_info_from_dir",
-    "base_info_from_model", "tensor_names",
+    "base_info_from_model", "synthetic_adapter", "tensor_names",
 ]
-
-from caprese_vllm.adapter.synthetic import synthetic_adapter  # noqa: E402
-
-__all__ += ["synthetic_adapter"]

@@ -64,8 +64,8 @@ class CapreseAdapter:
         manifest = load_manifest(directory)
         tensors = _load_tensors(directory / TENSORS_FILE)
         lowrank_a, lowrank_b = _check_tensors(directory / TENSORS_FILE, manifest, tensors)
-        to = {k: v.to(device) for k, v in lowrank_a.items()}, {k: v.to(device) for k, v in lowrank_b.items()}
-        return cls(manifest=manifest, lowrank_a=to[0], lowrank_b=to[1])
+        return cls(manifest=manifest, lowrank_a={k: v.to(device) for k, v in lowrank_a.items()},
+                   lowrank_b={k: v.to(device) for k, v in lowrank_b.items()})
 
     def check_base(self, base: BaseModelInfo, source: str = "the base model") -> None:
         """Fail unless this adapter was fitted on `base` (every base_model field must match)."""

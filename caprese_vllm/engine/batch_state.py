@@ -11,15 +11,11 @@ tokens and warm-up runs point at. Before each step (see step_info.py) the host:
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 
 from caprese_vllm.engine.step_info import StepInfo
 from caprese_vllm.methods import griffin_select
-
-logger = logging.getLogger("vllm.caprese")
 
 
 class GriffinLayerState:
@@ -51,16 +47,11 @@ class CapreseBatchState:
         # Default for tokens no step describes (warm-up, CUDA-graph padding): plain dense FF.
         self.token_dense = torch.ones(max_tokens, dtype=torch.bool, device=device)
         self.token_sparse_scale = torch.zeros(max_tokens, 1, dtype=torch.float32, device=device)
-        self.steps = 0
 
     def add_griffin_layer(self, intermediate_size: int, k: int) -> GriffinLayerState:
         state = GriffinLayerState(self.max_slots + 1, intermediate_size, k, self.device)
         self.griffin_layers.append(state)
         return state
-
-    @property
-    def live_requests(self) -> int:
-        return len(self.slot_of)
 
     def on_step(self, info: StepInfo) -> None:
         for req_id in [r for r in self.slot_of if r not in info.live_req_ids]:
@@ -104,7 +95,6 @@ class CapreseBatchState:
         self._write(self.token_dense, torch.from_numpy(token_dense), True)
         self.token_sparse_scale[:n, 0] = self.token_dense[:n].logical_not().float()
         self.token_sparse_scale[n:] = 0.0
-        self.steps += 1
 
     def _write(self, buffer: torch.Tensor, values: torch.Tensor, fill) -> None:
         n = values.numel()

@@ -33,10 +33,3 @@ CapreseLlamaForCausalLM = _caprese(LlamaForCausalLM)
 CapreseGemma2ForCausalLM = _caprese(Gemma2ForCausalLM)
 CapreseGemma3ForCausalLM = _caprese(Gemma3ForCausalLM)
 CapreseQwen2ForCausalLM = _caprese(Qwen2ForCausalLM)
-
-ARCHITECTURES = {
-    "LlamaForCausalLM": "CapreseLlamaForCausalLM",
-    "Gemma2ForCausalLM": "CapreseGemma2ForCausalLM",
-    "Gemma3ForCausalLM": "CapreseGemma3ForCausalLM",
-    "Qwen2ForCausalLM": "CapreseQwen2ForCausalLM",
-}
