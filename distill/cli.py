@@ -1,17 +1,61 @@
-"""`caprese-distill`: produce a Caprese adapter for a base model.
+"""`caprese-distill`: produce a Caprese adapter for a base model, and the report that judges it.
 
-Subcommands are added as the pipeline stages land (data generation, fitting, evaluation).
+    caprese-distill run      --model smollm2-135m --run-dir runs/smol --num-samples 300
+    caprese-distill run      --preset smollm2-135m        # the default adapter (CPU, ~20 min)
+    caprese-distill generate ...   # step 1 only: the dense model answers the prompts (vLLM)
+    caprese-distill fit ...        # step 2 only: fit the low-rank paths -> RUN_DIR/adapter
+    caprese-distill evaluate ...   # step 3 only: RUN_DIR/report.{json,md,png}
+
+Settings come from `--config FILE.yaml` (fields of distill.config.DistillConfig) with flags on top.
+Every step resumes: rerunning the same command continues where an interrupted one stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+# flag -> dotted config field
+_FLAGS = {
+    "model": "model", "run_dir": "run_dir", "method": "method", "density": "density", "rank": "rank",
+    "seed": "seed", "device": "device", "dtype": "dtype", "num_samples": "data.num_samples",
+    "heldout_math": "data.heldout_math", "heldout_language": "data.heldout_language",
+    "max_new_tokens": "data.max_new_tokens", "refine": "fit.refine", "e2e_epochs": "fit.e2e_epochs",
+    "e2e_lr": "fit.e2e_lr", "e2e_loss": "fit.e2e_loss", "e2e_batch_tokens": "fit.e2e_batch_tokens",
+}
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML file with settings (flags override it)")
+    parser.add_argument("--preset", help="ready-made settings for a model (smollm2-135m, gemma3-270m); run dir "
+                        "defaults to ~/.cache/caprese/runs/PRESET")
+    parser.add_argument("--model", help="HF checkpoint directory or a caprese-models name (smollm2-135m, ...)")
+    parser.add_argument("--run-dir", help="where everything is written (resumable)")
+    parser.add_argument("--method", choices=["griffin", "cats"])
+    parser.add_argument("--density", type=float)
+    parser.add_argument("--rank", type=int, help="default: ~1%% extra parameters")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--num-samples", type=int, help="training samples (default 20000, as in the paper)")
+    parser.add_argument("--heldout-math", type=int)
+    parser.add_argument("--heldout-language", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--refine", choices=["none", "layerwise", "e2e"])
+    parser.add_argument("--e2e-epochs", type=int)
+    parser.add_argument("--e2e-lr", type=float)
+    parser.add_argument("--e2e-loss", choices=["hidden_mse", "kl", "hidden_mse+kl"])
+    parser.add_argument("--e2e-batch-tokens", type=int)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="caprese-distill", description=__doc__)
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="caprese-distill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in (("run", "all steps"), ("generate", "step 1: data"), ("fit", "step 2: adapter"),
+                            ("evaluate", "step 3: report")):
+        _add_settings(sub.add_parser(name, help=help_text))
     return parser
 
 
@@ -21,7 +65,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    from caprese_vllm.adapter import AdapterError
+    from distill.config import DistillError, load_config
+
+    overrides = {field: getattr(args, flag) for flag, field in _FLAGS.items()}
+    try:
+        config_file = args.config
+        if args.preset:
+            from distill.presets import default_run_dir, preset_path
+
+            if args.config:
+                raise DistillError("pass either --preset or --config, not both")
+            config_file = preset_path(args.preset)
+            overrides["run_dir"] = overrides["run_dir"] or str(default_run_dir(args.preset))
+        config = load_config(config_file, overrides)
+        from distill.pipeline import Pipeline
+
+        pipeline = Pipeline(config)
+        if args.command in ("run", "generate"):
+            counts = pipeline.generate()
+            print("data: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+        if args.command in ("run", "fit"):
+            adapter = pipeline.fit()
+            print(f"fit: adapter written to {config.run_dir / 'adapter'} ({adapter.manifest.extra_params() / 1e6:.2f}M "
+                  "low-rank parameters)", flush=True)
+        if args.command in ("run", "evaluate"):
+            pipeline.evaluate()
+            print((config.run_dir / "report.md").read_text(), flush=True)
+    except (DistillError, AdapterError, FileNotFoundError) as err:
+        print(f"caprese-distill: error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Per-sequence method state (GRIFFIN statistics and selection) is reset when a seq
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -40,6 +40,11 @@ class CapreseRuntime:
         self.plan: ForwardPlan | None = None
         self.forced_prompt_mask: torch.Tensor | None = None
         self.mlps: list[CapreseMLP] = []
+        # Distillation hooks: `tap(layer, x, y_dense, y_compressed, generated_mask)` sees every compressed
+        # layer's FF; with `dense_passthrough` the model follows the dense trajectory (the layers return
+        # the dense output) while the taps still see what the compressed path would have produced.
+        self.tap: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+        self.dense_passthrough = False
 
     def reset_sequences(self) -> None:
         for mlp in self.mlps:
@@ -101,6 +106,10 @@ class CapreseMLP(nn.Module):
         y_sparse = mlp.down_proj(z * keep)
         if self.lowrank_a is not None:
             y_sparse = y_sparse + lowrank_forward(x, self.lowrank_a, self.lowrank_b)
+        if self.runtime.tap is not None:
+            self.runtime.tap(self.layer, x, y, y_sparse, generated)
+        if self.runtime.dense_passthrough:
+            return y
         return torch.where(generated.unsqueeze(-1), y_sparse, y)
 
 

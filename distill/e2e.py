@@ -1,0 +1,139 @@
+"""End-to-end refinement (the paper's stage 2): all low-rank paths trained together, teacher-forced.
+
+Each step runs a batch twice: all tokens dense (the target) and as served (prompt dense, completion
+through the sparse FF + low-rank paths). The loss compares them on the completion tokens:
+  hidden_mse    mean squared error of the final hidden state (after the final norm, before the LM
+                head), divided by the target's mean square (the paper's loss, made scale-free);
+  kl            KL(dense || Caprese) of the next-token distributions;
+  hidden_mse+kl their sum.
+Base weights stay frozen; A and B train in float32 whatever the model's dtype. The checkpoint
+(`fit/e2e.pt`) is written after every epoch, so an interrupted run resumes at the last epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from caprese_vllm.adapter import CapreseAdapter
+from caprese_vllm.reference import patch_model, teacher_forcing, unpatch_model
+from distill.config import DistillConfig, DistillError
+from distill.data import Sample, collate, length_batches
+
+
+class FinalHidden:
+    """Forward hook on the decoder stack: keeps its last hidden state (post-norm)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.value: torch.Tensor | None = None
+        self._handle = model.get_decoder().register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        self.value = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def lm_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """LM-head logits [N, V] for hidden [N, H], with the model's final soft-capping where it has one."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def kl_to_dense(model, dense_hidden: torch.Tensor, hidden: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Per-token KL(dense || model) [N], logits built `chunk` rows at a time (vocabularies are large)."""
+    out = []
+    for start in range(0, hidden.shape[0], chunk):
+        log_p = F.log_softmax(lm_logits(model, dense_hidden[start:start + chunk]), dim=-1)
+        log_q = F.log_softmax(lm_logits(model, hidden[start:start + chunk]), dim=-1)
+        out.append((log_p.exp() * (log_p - log_q)).sum(-1))
+    return torch.cat(out)
+
+
+def _loss(kind: str, model, target: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    if "hidden_mse" in kind:
+        loss = loss + (hidden.float() - target.float()).square().mean() / target.float().square().mean()
+    if "kl" in kind:
+        loss = loss + kl_to_dense(model, target, hidden).mean()
+    return loss
+
+
+def refine_end_to_end(config: DistillConfig, model, pad_id: int, init: CapreseAdapter, train: list[Sample],
+                      fit_dir: Path) -> CapreseAdapter:
+    fc = config.fit
+    device = next(model.parameters()).device
+    model.requires_grad_(False)
+    ckpt_path = fit_dir / "e2e.pt"
+    ckpt = torch.load(ckpt_path, map_location="cpu") if ckpt_path.exists() else None
+    adapter = init
+    if ckpt is not None:
+        adapter = CapreseAdapter(manifest=init.manifest, lowrank_a=ckpt["lowrank_a"], lowrank_b=ckpt["lowrank_b"])
+    runtime = patch_model(model, adapter=adapter)
+    final_hidden = FinalHidden(model)
+    params = []
+    for mlp in runtime.mlps:
+        mlp.lowrank_a.data = mlp.lowrank_a.data.float()
+        mlp.lowrank_b.data = mlp.lowrank_b.data.float()
+        mlp.lowrank_a.requires_grad_(True)
+        mlp.lowrank_b.requires_grad_(True)
+        params += [mlp.lowrank_a, mlp.lowrank_b]
+    batches = list(length_batches(train, fc.e2e_batch_tokens))
+    total = fc.e2e_epochs * len(batches)
+    warmup = max(1, int(fc.e2e_warmup * total))
+    opt = torch.optim.Adam(params, lr=fc.e2e_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))))
+    start_epoch = 0
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start_epoch = ckpt["epochs_done"]
+    try:
+        for epoch in range(start_epoch, fc.e2e_epochs):
+            order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(config.seed + epoch))
+            bar = tqdm(order.tolist(), desc=f"fit: end-to-end epoch {epoch + 1}/{fc.e2e_epochs}", unit="batch")
+            for i in bar:
+                batch = collate(batches[i], pad_id, device)
+                completion = batch.completion_mask
+                kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                              logits_to_keep=1)
+                with torch.no_grad(), teacher_forcing(model, batch.attention_mask.bool()):  # all dense
+                    model(**kwargs)
+                    target = final_hidden.value[completion]
+                with teacher_forcing(model, batch.prompt_mask):
+                    model(**kwargs)
+                    hidden = final_hidden.value[completion]
+                loss = _loss(fc.e2e_loss, model, target, hidden)
+                if not math.isfinite(loss.item()):
+                    raise DistillError(f"fit: end-to-end loss became {loss.item()} at epoch {epoch + 1}; lower "
+                                       "fit.e2e_lr and rerun (the checkpoint of the last finished epoch is kept)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.set_postfix(loss=f"{loss.item():.4g}")
+            state = {"epochs_done": epoch + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "lowrank_a": {m.layer: m.lowrank_a.detach().cpu().clone() for m in runtime.mlps},
+                     "lowrank_b": {m.layer: m.lowrank_b.detach().cpu().clone() for m in runtime.mlps}}
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(ckpt_path)
+        lowrank_a = {m.layer: m.lowrank_a.detach().cpu().clone() for m in runtime.mlps}
+        lowrank_b = {m.layer: m.lowrank_b.detach().cpu().clone() for m in runtime.mlps}
+    finally:
+        final_hidden.remove()
+        unpatch_model(model)
+    details = {**init.manifest.training.details, "e2e_loss": fc.e2e_loss, "e2e_epochs": fc.e2e_epochs,
+               "e2e_lr": fc.e2e_lr}
+    training = init.manifest.training.model_copy(update={"details": details})
+    return CapreseAdapter(manifest=init.manifest.model_copy(update={"training": training}),
+                          lowrank_a=lowrank_a, lowrank_b=lowrank_b)

@@ -1,0 +1,164 @@
+"""The whole distillation, step by step, under one run directory (every step resumable).
+
+    RUN_DIR/config.json     resolved settings (a rerun must match them)
+    RUN_DIR/data/           step 1: dense answers (generate.py)
+    RUN_DIR/fit/            step 2: statistics, closed form, refinement (fit.py)
+    RUN_DIR/adapter/        the adapter: serve it with `vllm serve MODEL --caprese-adapter RUN_DIR/adapter`
+    RUN_DIR/eval/           step 3: scores (evaluate.py)
+    RUN_DIR/report.{json,md,png}
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from caprese_vllm.adapter import CapreseAdapter
+from caprese_vllm.lowrank import default_rank
+from caprese_vllm.methods import MethodSpec
+from caprese_vllm.methods.spec import default_layers
+from distill.config import DistillConfig, DistillError, pin_config
+from distill.data import read_samples
+from distill.generate import generate_data, split_path
+
+
+def resolve_model(name_or_dir: str) -> Path:
+    path = Path(name_or_dir)
+    if path.is_dir():
+        return path
+    from caprese_vllm.zoo import CATALOG, ensure_model
+
+    if name_or_dir in CATALOG:
+        return ensure_model(name_or_dir)
+    raise FileNotFoundError(f"model {name_or_dir!r}: not a directory and not one of caprese-models' names "
+                            f"({', '.join(CATALOG)}); pass a local HF checkpoint directory")
+
+
+class Pipeline:
+    def __init__(self, config: DistillConfig):
+        self.config = config
+        self.model_dir = resolve_model(config.model)
+        self._model = self._tokenizer = None
+        pin_config(config)
+
+    # ---- shared pieces ---------------------------------------------------------------------
+    def load_model(self):
+        if self._model is None:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            device, dtype = self.config.resolved_device(), self.config.resolved_dtype()
+            self._model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(device).eval()
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        return self._model, self._tokenizer
+
+    def method(self) -> MethodSpec:
+        from caprese_vllm.adapter.base_info import text_config
+        from transformers import AutoConfig
+
+        text = text_config(AutoConfig.from_pretrained(self.model_dir))
+        layers = self.config.layers or default_layers(self.config.method, text.num_hidden_layers)
+        if self.config.method == "cats":
+            return MethodSpec(name="cats", density=self.config.density, layers=layers,
+                              thresholds=self._cats_thresholds(layers))
+        return MethodSpec(name=self.config.method, density=self.config.density, layers=layers)
+
+    def _cats_thresholds(self, layers: list[int]) -> dict[int, float]:
+        """Per-layer tau from the training prompts' gate activations (CATS calibration)."""
+        from caprese_vllm.methods import cats_calibrate_threshold
+        from distill.data import collate
+
+        path = self.config.run_dir / "fit" / "cats_thresholds.json"
+        if path.exists():
+            return {int(k): v for k, v in json.loads(path.read_text()).items()}
+        model, tokenizer = self.load_model()
+        samples = read_samples(split_path(self.config.run_dir, "train"))[:256]
+        from caprese_vllm.reference.patch import decoder_layers
+
+        seen: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+        hooks = []
+        for i in layers:
+            mlp = decoder_layers(model)[i].mlp
+            hooks.append(mlp.gate_proj.register_forward_hook(
+                lambda m, a, out, i=i, mlp=mlp: seen[i].append(mlp.act_fn(out).abs().flatten()[::7].float().cpu())))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        try:
+            with torch.no_grad():
+                for start in range(0, len(samples), 16):
+                    b = collate(samples[start:start + 16], pad, next(model.parameters()).device)
+                    model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False, logits_to_keep=1)
+        finally:
+            for h in hooks:
+                h.remove()
+        thresholds = {i: cats_calibrate_threshold(torch.cat(v), self.config.density) for i, v in seen.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(thresholds, indent=2) + "\n")
+        return thresholds
+
+    def rank(self, model) -> int:
+        if self.config.rank is not None:
+            return self.config.rank
+        text = model.config.get_text_config()
+        return default_rank(model.num_parameters(), text.hidden_size, len(self.method().layers))
+
+    # ---- steps -----------------------------------------------------------------------------
+    def generate(self) -> dict[str, int]:
+        t0 = time.perf_counter()
+        counts = generate_data(self.config, self.model_dir)
+        self._record("generate_s", time.perf_counter() - t0)
+        return counts
+
+    def fit(self) -> CapreseAdapter:
+        from distill.fit import fit_adapter
+
+        t0 = time.perf_counter()
+        model, tokenizer = self.load_model()
+        method = self.method()
+        train = read_samples(split_path(self.config.run_dir, "train"))
+        heldout = read_samples(split_path(self.config.run_dir, "heldout_math"))
+        if not train:
+            raise DistillError(f"{split_path(self.config.run_dir, 'train')}: no training data; run "
+                               "`caprese-distill generate` first (or `run`)")
+        adapter = fit_adapter(self.config, model, tokenizer, method, self.rank(model), train, heldout)
+        self._record("fit_s", time.perf_counter() - t0)
+        return adapter
+
+    def evaluate(self) -> dict:
+        from distill.evaluate import run_evaluation
+        from distill.report import active_params, build_report, write_report
+
+        t0 = time.perf_counter()
+        model, tokenizer = self.load_model()
+        run_dir = self.config.run_dir
+        adapter = CapreseAdapter.load(run_dir / "adapter")
+        method = adapter.manifest.method
+        heldout = {"math": read_samples(split_path(run_dir, "heldout_math")),
+                   "language": read_samples(split_path(run_dir, "heldout_language"))}
+        max_new = self.config.eval.max_new_tokens or self.config.data.max_new_tokens
+        evaluation = run_evaluation(model, tokenizer, run_dir / "eval", heldout, method, adapter, max_new,
+                                    self.config.eval.batch_size, self.config.fit.capture_batch_tokens)
+        timings = self._record("evaluate_s", time.perf_counter() - t0)
+        text = model.config.get_text_config()
+        ranks = adapter.manifest.lowrank.ranks
+        meta = {
+            "model": self.config.model, "method": method.name, "density": method.density, "layers": method.layers,
+            "rank": max(ranks.values()), "num_train_samples": len(read_samples(split_path(run_dir, "train"))),
+            "num_heldout": {k: len(v) for k, v in heldout.items()},
+            "active_params": active_params(model.num_parameters(), text.hidden_size, text.intermediate_size,
+                                           ranks, method.density),
+            "timings": timings,
+        }
+        fit = json.loads((run_dir / "fit" / "fit.json").read_text())
+        report = build_report(meta, evaluation, fit)
+        write_report(report, run_dir)
+        return report
+
+    def _record(self, step: str, seconds: float) -> dict[str, float]:
+        """Add one step's wall time to RUN_DIR/timings.json (a resumed step adds its remaining time)."""
+        path = self.config.run_dir / "timings.json"
+        timings = json.loads(path.read_text()) if path.exists() else {}
+        timings[step] = timings.get(step, 0.0) + seconds
+        path.write_text(json.dumps(timings, indent=2) + "\n")
+        return timings

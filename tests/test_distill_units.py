@@ -1,0 +1,151 @@
+"""distill/ building blocks: problems, batching, statistics, closed form, config; no vLLM."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from distill.capture import LayerStats
+from distill.config import ConfigError, DistillConfig, load_config, pin_config
+from distill.data import Sample, collate, length_batches
+from distill.problems import MATH_TEMPLATES, extract_answer, language_problems, math_problems
+from distill.report import gap_recovered
+from distill.rrr import closed_form, layerwise_refine
+
+
+def _solve(question: str) -> int:
+    """An independent solver for a few templates, written from the question text alone."""
+    nums = [int(n) for n in re.findall(r"-?\d+", question)]
+    if "remainder when" in question:
+        return nums[0] % nums[1]
+    if "greatest common divisor" in question:
+        return math.gcd(nums[0], nums[1])
+    if "sum of the first" in question:
+        return sum(range(1, nums[0] + 1))
+    if "units digit" in question:
+        return int(str(nums[0] ** nums[1])[-1])
+    if "Solve for x" in question:
+        a, b, c = nums
+        sign = -1 if " - " in question else 1
+        return (c - sign * abs(b)) // a
+    raise KeyError(question)
+
+
+def test_math_answers_match_an_independent_solver():
+    checked = 0
+    for p in math_problems(400, seed=3):
+        try:
+            expected = _solve(p.question)
+        except KeyError:
+            continue
+        assert p.answer == str(expected), p.question
+        checked += 1
+    assert checked > 80
+
+
+def test_math_problems_are_distinct_varied_and_heldout_is_disjoint():
+    train = math_problems(500, seed=0)
+    heldout = math_problems(100, seed=1, exclude={p.question for p in train})
+    assert len({p.question for p in train}) == 500
+    assert not {p.question for p in train} & {p.question for p in heldout}
+    assert {p.topic for p in train} == set(MATH_TEMPLATES)
+    assert all(p.question.startswith("Please reason step by step.") for p in train)
+
+
+def test_language_problems_use_real_prose():
+    problems = language_problems(60, seed=0)
+    assert len({p.question for p in problems}) == 60
+    summaries = [p for p in problems if p.topic == "summary"]
+    assert summaries and all(len(p.question.split()) > 40 for p in summaries)
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("3 + 4 = 7, so the answer is 7.", "7"), ("The answer is 1,200 dollars", "1200"),
+    ("x = -5", "-5"), ("so 12.0 apples", "12"), ("I don't know", None),
+    ("The answer is: 42. (We used 3 steps.)", "3"),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def _sample(i: int, prompt: int, completion: int) -> Sample:
+    return Sample(id=str(i), kind="math", topic="t", question="q", answer="1",
+                  prompt_ids=list(range(1, prompt + 1)), completion_ids=list(range(100, 100 + completion)))
+
+
+def test_collate_masks_mark_prompt_completion_and_scored_positions():
+    batch = collate([_sample(0, 3, 4), _sample(1, 2, 1)], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 100, 101, 102, 103], [1, 2, 100, 0, 0, 0, 0]]
+    assert batch.prompt_mask.int().tolist() == [[1, 1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0]]
+    assert batch.completion_mask.int().tolist() == [[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 0, 0, 0, 0]]
+    # compressed positions that predict a further completion token
+    assert batch.target_mask.int().tolist() == [[0, 0, 0, 1, 1, 1, 0], [0] * 7]
+
+
+def test_length_batches_cover_every_sample_within_budget():
+    samples = [_sample(i, 5 + i % 7, 10 + (i * 13) % 50) for i in range(40)]
+    batches = list(length_batches(samples, max_tokens=300))
+    assert sorted(s.id for b in batches for s in b) == sorted(s.id for s in samples)
+    assert all(len(b) == 1 or max(s.num_tokens for s in b) * len(b) <= 300 for b in batches)
+
+
+def _random_stats(n=4000, hidden=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, hidden, generator=g, dtype=torch.float64)
+    true_map = torch.randn(hidden, 3, generator=g, dtype=torch.float64) @ torch.randn(3, hidden, generator=g,
+                                                                                       dtype=torch.float64)
+    r = x @ true_map + 0.3 * torch.randn(n, hidden, generator=g, dtype=torch.float64)
+    y = r + torch.randn(n, hidden, generator=g, dtype=torch.float64)
+    stats = LayerStats(x.t() @ x, x.t() @ r, float(r.square().sum()), float(y.square().sum()), n)
+    return stats, x, r, y
+
+
+def test_stats_error_formula_equals_direct_computation():
+    stats, x, r, y = _random_stats()
+    a, b = torch.randn(24, 4, dtype=torch.float64), torch.randn(4, 24, dtype=torch.float64)
+    direct = float((r - x @ a @ b).square().sum())
+    assert stats.residual_error(a, b) == pytest.approx(direct, rel=1e-9)
+    assert stats.relative_error() == pytest.approx(float(r.norm() / y.norm()), rel=1e-9)
+
+
+def test_closed_form_is_the_best_rank_r_fit():
+    stats, x, r, _ = _random_stats()
+    a, b = closed_form(stats, rank=3, ridge=0.0)
+    err = stats.residual_error(a, b)
+    # Eckart-Young on the least-squares fitted values: the optimum of the reduced-rank problem
+    w = torch.linalg.lstsq(x, r).solution
+    u, s, vh = torch.linalg.svd(x @ w, full_matrices=False)
+    best = float((r - u[:, :3] @ torch.diag(s[:3]) @ vh[:3]).square().sum())
+    assert err == pytest.approx(best, rel=1e-5)
+    assert err < 0.2 * stats.rr
+    # Adam on the same objective cannot beat it
+    a2, b2 = layerwise_refine(stats, a, b, steps=50, lr=1e-3)
+    assert stats.residual_error(a2, b2) >= err * (1 - 1e-4)
+
+
+def test_gap_recovered():
+    assert gap_recovered(1.0, 0.6, 0.8) == pytest.approx(0.5)
+    assert gap_recovered(0.5, 0.5, 0.5) is None
+
+
+def test_config_errors_name_the_field(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("model: m\nrun_dir: r\ndata:\n  num_samples: -3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: field data.num_samples: .*greater than 0"):
+        load_config(bad, {})
+    with pytest.raises(ConfigError, match="field fit.nope"):
+        load_config(None, {"model": "m", "run_dir": "r", "fit.nope": 1})
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, {})
+
+
+def test_resume_requires_the_same_settings(tmp_path):
+    config = DistillConfig(model="m", run_dir=tmp_path / "run")
+    pin_config(config)
+    pin_config(config.model_copy(update={"device": "cuda"}))  # where it runs may change
+    with pytest.raises(ConfigError, match=r"different settings \(density\)"):
+        pin_config(config.model_copy(update={"density": 0.3}))
