@@ -1,0 +1,130 @@
+"""Kernel-level table: microseconds per FF layer for one decode step, Caprese routes vs dense.
+
+    python benchmarks/kernel_latency.py [--models llama-3.1-8b gemma-2-9b] [--tokens 1 8 32]
+
+Per model shape and number of decode tokens T (each its own request, so each its own neuron set):
+  dense   vLLM's shape of the dense FF: x W_gu^T -> act_and_mul -> W_d, cuBLAS, bf16
+  gather  the Triton route (gather_gate_up + gather_down): each token reads its k neurons' rows + rank r
+  masked  the dense-rows route for large batches: dense GEMMs over the low-rank-extended weights with
+          the unselected neurons zeroed by act_mul_mask
+  floor   the gather route's weight bytes / the copy bandwidth measured on this GPU
+All timed inside CUDA graphs (triton.testing.do_bench_cudagraph), as vLLM runs decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"llama-3.1-8b": (4096, 14336, "silu"), "gemma-2-9b": (3584, 14336, "gelu_tanh")}
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy (read + write), the practical HBM ceiling."""
+    from triton.testing import do_bench
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=50)
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def sweep(hidden, inter, k, gate_up_ext, down_t_ext, act) -> None:
+    """us of each gather kernel at T=1 for a grid of launch settings (to pick the defaults)."""
+    from triton.testing import do_bench_cudagraph
+
+    from caprese_vllm.kernels.gather_down import gather_down
+    from caprese_vllm.kernels.gather_gate_up import gather_gate_up
+
+    x = torch.randn(1, hidden, device="cuda", dtype=gate_up_ext.dtype)
+    idx = torch.randperm(inter, device="cuda")[:k].sort().values[None].int()
+    slot = torch.zeros(1, dtype=torch.long, device="cuda")
+    flags = torch.zeros(1, dtype=torch.bool, device="cuda")
+    results = []
+    for block_n in (4, 8, 16, 32):
+        for block_h in (128, 256, 512):
+            for warps in (2, 4, 8):
+                f = lambda: gather_gate_up(x, gate_up_ext, inter, idx, slot, flags, act, block_n, block_h, warps)  # noqa: E731
+                f()
+                results.append((1e3 * do_bench_cudagraph(f, rep=100), "gate_up", block_n, block_h, warps))
+    z = gather_gate_up(x, gate_up_ext, inter, idx, slot, flags, act)
+    for split in (8, 16, 32, 64):
+        for block_n in (16, 32, 64):
+            for block_h in (128, 256, 512):
+                for warps in (2, 4, 8):
+                    f = lambda: gather_down(z, down_t_ext, inter, idx, slot, flags, split, block_n, block_h, warps)  # noqa: E731
+                    f()
+                    results.append((1e3 * do_bench_cudagraph(f, rep=100), "down", split, block_n, block_h, warps))
+    for kind in ("gate_up", "down"):
+        best = sorted(r for r in results if r[1] == kind)[:4]
+        print(f"  sweep H={hidden} {kind}: " + "; ".join(f"{r[0]:.1f}us {r[2:]}" for r in best), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--density", type=float, default=0.5)
+    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--sweep", action="store_true", help="time the gather kernels' launch settings at T=1")
+    args = parser.parse_args()
+
+    from triton.testing import do_bench_cudagraph
+
+    from caprese_vllm.kernels.decode_mlp import caprese_ff, fuse_weights
+
+    dtype = torch.bfloat16
+    bandwidth = copy_bandwidth()
+    print(f"GPU: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for name in args.models:
+        hidden, inter, act = SHAPES[name]
+        k, rank = int(inter * args.density), args.rank
+        w_gate_up = torch.randn(2 * inter, hidden, device="cuda", dtype=dtype) * 0.01
+        w_down = torch.randn(hidden, inter, device="cuda", dtype=dtype) * 0.01
+        a = torch.randn(hidden, rank, device="cuda", dtype=dtype) * 0.01
+        b = torch.randn(rank, hidden, device="cuda", dtype=dtype) * 0.01
+        gate_up_ext, down_t_ext = fuse_weights(w_gate_up, w_down, a, b)
+        act_fn = F.silu if act == "silu" else (lambda g: F.gelu(g, approximate="tanh"))
+        if args.sweep:
+            sweep(hidden, inter, k, gate_up_ext, down_t_ext, act)
+        for tokens in args.tokens:
+            x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+            idx = torch.stack([torch.randperm(inter, device="cuda")[:k].sort().values
+                               for _ in range(tokens)]).int()
+            keep = torch.zeros(tokens, inter, dtype=torch.uint8, device="cuda").scatter_(1, idx.long(), 1)
+            slot = torch.arange(tokens, device="cuda")
+            flags = torch.zeros(tokens, dtype=torch.bool, device="cuda")
+            stat = torch.zeros(tokens, inter, device="cuda")
+
+            def dense():
+                h = x @ w_gate_up.t()
+                return (act_fn(h[:, :inter]) * h[:, inter:]) @ w_down.t()
+
+            def gather():
+                return caprese_ff(x, gate_up_ext, down_t_ext, inter, idx, keep, slot, flags, flags, stat, act,
+                                  gather_max_tokens=tokens)
+
+            def masked():
+                return caprese_ff(x, gate_up_ext, down_t_ext, inter, idx, keep, slot, flags, flags, stat, act,
+                                  gather_max_tokens=0)
+
+            gather(), masked()  # compile the Triton kernels before capture
+            times = {f.__name__: 1e3 * do_bench_cudagraph(f, rep=200) for f in (dense, gather, masked)}
+            floor = 1e6 * tokens * (3 * k + 2 * rank) * hidden * 2 / bandwidth
+            rows.append((name, tokens, times["dense"], times["gather"], times["masked"], floor))
+            print(f"  {name} T={tokens}: dense {times['dense']:.1f} us, gather {times['gather']:.1f} us, "
+                  f"masked {times['masked']:.1f} us", flush=True)
+    print()
+    print(f"FF layer, one decode step (density {args.density}, rank {args.rank}; us)")
+    print("| model | T | dense | gather | masked | gather floor | gather/dense | masked/dense | gather/floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, tokens, dense_us, gather_us, masked_us, floor in rows:
+        print(f"| {name} | {tokens} | {dense_us:.1f} | {gather_us:.1f} | {masked_us:.1f} | {floor:.1f} | "
+              f"{gather_us / dense_us:.2f} | {masked_us / dense_us:.2f} | {gather_us / floor:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

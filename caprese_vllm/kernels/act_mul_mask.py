@@ -1,0 +1,55 @@
+"""The large-batch route's activation: z = [act(g) * u * keep | h_lowrank * sparse] from h = x gate_up_ext^T.
+
+With many decode tokens, each with its own neurons, gathering reads more rows than the matrix holds,
+so the step runs the dense GEMMs over gate_up_ext / down_t_ext (their low-rank rows included) and
+this kernel, in place of vLLM's act_and_mul, zeroes each decode token's unselected neurons and its
+low-rank channels' gate (dense tokens keep every neuron and get no low-rank contribution).
+
+    h            [T, 2I + R]
+    keep_mask    [S, I] uint8   per-slot selected neurons (1 = kept)
+    -> z         [T, I + R]
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from caprese_vllm.kernels.gather_gate_up import ACTIVATIONS, TORCH_ACTIVATIONS, apply_act
+
+
+@triton.jit
+def _act_mul_mask_kernel(h_ptr, keep_ptr, slot_ptr, dense_ptr, z_ptr, I, R, stride_h, stride_keep, stride_z,
+                         ACT: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = c < I + R
+    is_neuron = c < I
+    dense = tl.load(dense_ptr + t) != 0
+    slot = tl.load(slot_ptr + t)
+    keep = tl.load(keep_ptr + slot * stride_keep + c, mask=live & is_neuron, other=0) != 0
+    keep = keep | dense
+    gate = tl.load(h_ptr + t * stride_h + tl.where(is_neuron, c, I + c), mask=live, other=0.0).to(tl.float32)
+    up = tl.load(h_ptr + t * stride_h + I + c, mask=live & is_neuron, other=0.0).to(tl.float32)
+    z = tl.where(is_neuron, tl.where(keep, apply_act(gate, ACT) * up, 0.0), tl.where(dense, 0.0, gate))
+    tl.store(z_ptr + t * stride_z + c, z.to(z_ptr.dtype.element_ty), mask=live)
+
+
+def act_mul_mask(h: torch.Tensor, inter: int, keep_mask: torch.Tensor, token_slot: torch.Tensor,
+                 token_dense: torch.Tensor, act: str, block: int = 1024) -> torch.Tensor:
+    num_tokens = h.shape[0]
+    rank = h.shape[1] - 2 * inter
+    z = torch.empty(num_tokens, inter + rank, dtype=h.dtype, device=h.device)
+    grid = (num_tokens, triton.cdiv(inter + rank, block))
+    _act_mul_mask_kernel[grid](h, keep_mask, token_slot, token_dense, z, inter, rank, h.stride(0),
+                               keep_mask.stride(0), z.stride(0), ACT=ACTIVATIONS[act], BLOCK=block)
+    return z
+
+
+def act_mul_mask_reference(h, inter, keep_mask, token_slot, token_dense, act):
+    h = h.float()
+    keep = keep_mask[token_slot].bool() | token_dense[:, None]
+    z = TORCH_ACTIVATIONS[act](h[:, :inter]) * h[:, inter:2 * inter] * keep
+    lowrank = h[:, 2 * inter:] * (~token_dense)[:, None]
+    return torch.cat([z, lowrank], dim=1)

@@ -1,0 +1,63 @@
+"""The Caprese FF of one layer on GPU for all tokens of a step, choosing the cheaper route.
+
+    gather  (T <= gather_max_tokens): each token reads only its k neurons' rows + the R low-rank rows
+            (gather_gate_up, gather_down). Batch-1 decode reads ~half the FF weights.
+    masked  (more tokens): with several requests each reading its own rows, gathering would read more
+            than the dense matrices hold, so the step runs the dense GEMMs over gate_up_ext and
+            down_t_ext (low-rank rows included) with act_mul_mask zeroing unselected neurons: the
+            cost of the dense FF plus the R extra rows, never a second pass.
+Both routes compute the same function (tested against each other and against the portable path);
+dense tokens (prompt, recompute) get every neuron and no low-rank path. GRIFFIN's statistic is
+accumulated from the prompt tokens' activations in the same call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from caprese_vllm.kernels.act_mul_mask import act_mul_mask, act_mul_mask_reference
+from caprese_vllm.kernels.gather_down import gather_down, gather_down_reference
+from caprese_vllm.kernels.gather_gate_up import gather_gate_up, gather_gate_up_reference
+from caprese_vllm.kernels.griffin_stats import griffin_stats_
+
+
+def caprese_ff(x: torch.Tensor, gate_up_ext: torch.Tensor, down_t_ext: torch.Tensor, inter: int,
+               neuron_idx: torch.Tensor, keep_mask: torch.Tensor, token_slot: torch.Tensor,
+               token_dense: torch.Tensor, token_stat: torch.Tensor, stat_sq: torch.Tensor | None, act: str,
+               gather_max_tokens: int) -> torch.Tensor:
+    if x.shape[0] <= gather_max_tokens:
+        z = gather_gate_up(x, gate_up_ext, inter, neuron_idx, token_slot, token_dense, act)
+        y = gather_down(z, down_t_ext, inter, neuron_idx, token_slot, token_dense)
+    else:
+        z = act_mul_mask(x @ gate_up_ext.t(), inter, keep_mask, token_slot, token_dense, act)
+        y = z @ down_t_ext
+    if stat_sq is not None:
+        griffin_stats_(z, inter, token_slot, token_stat, stat_sq)
+    return y
+
+
+def gather_route_reference(x, gate_up_ext, down_t_ext, inter, neuron_idx, token_slot, token_dense, act):
+    z = gather_gate_up_reference(x, gate_up_ext, inter, neuron_idx, token_slot, token_dense, act)
+    return gather_down_reference(z, down_t_ext, inter, neuron_idx, token_slot, token_dense)
+
+
+def masked_route_reference(x, gate_up_ext, down_t_ext, inter, keep_mask, token_slot, token_dense, act):
+    z = act_mul_mask_reference(x.float() @ gate_up_ext.float().t(), inter, keep_mask, token_slot, token_dense,
+                               act)
+    return z @ down_t_ext.float()
+
+
+def fuse_weights(gate_up_w: torch.Tensor, down_w: torch.Tensor, lowrank_a: torch.Tensor | None,
+                 lowrank_b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up_ext [2I + R, H], down_t_ext [I + R, H]) from torch-layout weights gate_up [2I, H],
+    down [H, I] and lowrank_a [H, R], lowrank_b [R, H] (R = 0 without a low-rank path)."""
+    two_i, hidden = gate_up_w.shape
+    rank = 0 if lowrank_a is None else lowrank_a.shape[1]
+    gate_up_ext = torch.empty(two_i + rank, hidden, dtype=gate_up_w.dtype, device=gate_up_w.device)
+    gate_up_ext[:two_i] = gate_up_w
+    down_t_ext = torch.empty(two_i // 2 + rank, hidden, dtype=down_w.dtype, device=down_w.device)
+    down_t_ext[: two_i // 2] = down_w.t()
+    if rank:
+        gate_up_ext[two_i:] = lowrank_a.t()
+        down_t_ext[two_i // 2:] = lowrank_b
+    return gate_up_ext, down_t_ext
