@@ -113,12 +113,32 @@ def _create_engine_config_single_threaded(original, engine_args, *args, **kwargs
     engine_args.enable_prefix_caching = False
     vllm_config = original(engine_args, *args, **kwargs)
 
-    from caprese_vllm.engine.install import load_checked_adapter
+    from caprese_vllm.engine.install import fingerprint_source, load_checked_adapter
+    from caprese_vllm.observability import publish, summarize
 
-    load_checked_adapter(serve, vllm_config, adapter)  # sizes and weight fingerprint vs. the model
+    adapter = load_checked_adapter(serve, vllm_config, adapter)  # sizes and weight fingerprint vs. the model
+    _keep_kernels_out_of_inductor(vllm_config)
     os.environ[ACTIVE_ENV] = "1"
     register_models()
-    method = adapter.manifest.method
-    logger.info("caprese: serving with adapter %s (%s, density %.3f on %d layers)", serve.adapter,
-                method.name, method.density, len(method.layers))
+    name = vllm_config.model_config.served_model_name or vllm_config.model_config.model
+    name = name[0] if isinstance(name, (list, tuple)) else name
+    publish(summarize(adapter, str(serve.adapter), str(name), fingerprint_source(vllm_config),
+                      adapter.manifest.method.density))
     return vllm_config
+
+
+FUSED_FF_OP = "caprese::fused_ff"
+
+
+def _keep_kernels_out_of_inductor(vllm_config) -> None:
+    """Make the GPU kernels' op a graph-splitting op, like attention.
+
+    Measured on the H100 (benchmarks/gpu_equivalence.py --diagnose): the op gives the portable path's
+    greedy tokens eagerly, but not under torch.compile for a batched prefill (wrong from the first
+    token, with or without CUDA graphs). As a splitting op it runs between the compiled pieces, like
+    attention; that alone did not fix it (still open), so the kernels stay opt-in.
+    """
+    cc = getattr(vllm_config, "compilation_config", None)
+    if os.environ.get("CAPRESE_KERNELS", "0") != "1" or cc is None or cc.splitting_ops is None or FUSED_FF_OP in cc.splitting_ops:
+        return
+    cc.splitting_ops = [*cc.splitting_ops, FUSED_FF_OP]

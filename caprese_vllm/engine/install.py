@@ -29,7 +29,7 @@ def _hidden_act(hf_text_config) -> str:
     return _ACT_BY_HF_NAME[name]
 
 
-def _fingerprint_source(vllm_config) -> Path | None:
+def fingerprint_source(vllm_config) -> Path | None:
     model = vllm_config.model_config.model
     path = Path(model)
     if path.is_dir():
@@ -54,7 +54,7 @@ def load_checked_adapter(serve: CapreseServeConfig, vllm_config,
         logger.warning("caprese: adapter fingerprint NOT checked (%s)",
                        "dummy weights" if load_format == "dummy" else "caprese_check_fingerprint=false")
     else:
-        source = _fingerprint_source(vllm_config)
+        source = fingerprint_source(vllm_config)
         if source is None:
             raise AdapterError(f"caprese: cannot read the weights of {vllm_config.model_config.model} to check the "
                                "adapter's fingerprint; pass a local model directory")
