@@ -1,14 +1,16 @@
 # Two commands on a fresh machine:  `make serve`  and  `make test`.
+# `make serve` serves MODEL with its default Caprese adapter, distilled on first use (CPU, ~20 min).
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 MODEL   ?= smollm2-135m
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
+RUN_DIR ?= $(or $(CAPRESE_CACHE_DIR),$(HOME)/.cache/caprese)/runs/$(MODEL)
 # KV-cache size in GiB for the CPU backend (vLLM's default grabs 92% of a NUMA node).
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: install models serve test
+.PHONY: install models adapter serve test
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,9 +25,12 @@ install: $(BIN)/.installed
 models: install
 	$(BIN)/caprese-models fetch smollm2-135m gemma3-270m
 
-serve: install
+adapter: install
+	$(BIN)/caprese-distill run --preset $(MODEL) --run-dir $(RUN_DIR)
+
+serve: adapter
 	$(BIN)/vllm serve "$$($(BIN)/caprese-models fetch $(MODEL))" --served-model-name $(MODEL) \
-		--host $(HOST) --port $(PORT) --max-model-len 4096
+		--caprese-adapter $(RUN_DIR)/adapter --host $(HOST) --port $(PORT) --max-model-len 4096
 
 test: models
 	$(BIN)/python -m pytest -q

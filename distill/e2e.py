@@ -74,9 +74,12 @@ def refine_end_to_end(config: DistillConfig, model, pad_id: int, init: CapreseAd
     model.requires_grad_(False)
     ckpt_path = fit_dir / "e2e.pt"
     ckpt = torch.load(ckpt_path, map_location="cpu") if ckpt_path.exists() else None
-    adapter = init
-    if ckpt is not None:
-        adapter = CapreseAdapter(manifest=init.manifest, lowrank_a=ckpt["lowrank_a"], lowrank_b=ckpt["lowrank_b"])
+    # Train copies: patch_model's parameters may share storage with the adapter's tensors (.to() on the
+    # same device is a no-op), and `init` must stay the closed-form solution for the report.
+    lowrank_a = ckpt["lowrank_a"] if ckpt is not None else init.lowrank_a
+    lowrank_b = ckpt["lowrank_b"] if ckpt is not None else init.lowrank_b
+    adapter = CapreseAdapter(manifest=init.manifest, lowrank_a={k: v.clone() for k, v in lowrank_a.items()},
+                             lowrank_b={k: v.clone() for k, v in lowrank_b.items()})
     runtime = patch_model(model, adapter=adapter)
     final_hidden = FinalHidden(model)
     params = []

@@ -22,6 +22,25 @@ def model_dirs() -> dict[str, Path]:
     return {name: ensure_model(name, progress=False) for name in CATALOG}
 
 
+@pytest.fixture(scope="session")
+def distilled_smol(model_dirs) -> Path:
+    """The run directory of SmolLM2's default adapter (`caprese-distill run --preset smollm2-135m`, the one
+    `make serve` serves); distilled on first use (~20 min on 2 CPU cores), then reused from the cache."""
+    from distill.presets import default_run_dir
+
+    run_dir = default_run_dir("smollm2-135m")
+    if not (run_dir / "report.json").exists():
+        log = run_dir.parent / "smollm2-135m.distill.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [str(Path(sys.executable).parent / "caprese-distill"), "run", "--preset", "smollm2-135m",
+               "--run-dir", str(run_dir)]
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=3600)
+        if proc.returncode != 0:
+            raise AssertionError(f"distillation failed (exit {proc.returncode}):\n{log.read_text()[-4000:]}")
+    return run_dir
+
+
 @dataclass
 class VllmRun:
     outputs: list[dict]

@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--enforce-eager", type=int, default=1)
+    parser.add_argument("--compilation-config", default=None, help="JSON for vLLM's compilation_config")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -37,6 +38,8 @@ def main() -> None:
         extra["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.max_num_seqs:
         extra["max_num_seqs"] = args.max_num_seqs
+    if args.compilation_config:
+        extra["compilation_config"] = json.loads(args.compilation_config)
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, enforce_eager=bool(args.enforce_eager),
               kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0, **extra)
     prompts = json.loads(args.prompts_json)
