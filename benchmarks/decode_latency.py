@@ -3,7 +3,9 @@
 Prints one table per model: ms per decode step at each batch size for
   dense      the model as is;
   width7424  the same model with FF width 7424: the ceiling for 50% FF density + a rank-256 path;
-  caprese    GRIFFIN density 0.5 on every layer + a random rank-256 path (~0.8% extra parameters).
+  caprese    GRIFFIN density 0.5 on every layer + a random rank-256 path (~0.8% extra parameters),
+             through the Triton kernels (CAPRESE_KERNELS=1);
+  caprese-portable  the same through the portable masked PyTorch path (not run unless asked for).
 TTNT is measured as (time of a request with 1 + D output tokens - time with 1 output token) / D, on
 256-token prompts, median of repeats. Each variant runs in its own process (a fresh engine).
 
@@ -23,7 +25,9 @@ import time
 from pathlib import Path
 
 CONFIGS = Path(__file__).parent / "configs"
-VARIANTS = ("dense", "width7424", "caprese")
+VARIANTS = ("dense", "width7424", "caprese", "caprese-portable")
+# caprese: the Triton kernels (CAPRESE_KERNELS=1, opt-in); caprese-portable: the masked PyTorch path.
+KERNELS_ENV = {"caprese": "1", "caprese-portable": "0"}
 
 
 def make_model_dir(model: str, variant: str, root: Path, rank: int, density: float) -> tuple[Path, dict]:
@@ -34,7 +38,7 @@ def make_model_dir(model: str, variant: str, root: Path, rank: int, density: flo
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(config))
     extra = {}
-    if variant == "caprese":
+    if variant.startswith("caprese"):
         from caprese_vllm.adapter import BaseModelInfo, synthetic_adapter
         from caprese_vllm.methods import MethodSpec
 
@@ -98,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["llama-3.1-8b", "gemma-2-9b"],
                         choices=sorted(p.stem for p in CONFIGS.glob("*.json")))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=["dense", "width7424", "caprese"], choices=VARIANTS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--decode-steps", type=int, default=64)
@@ -129,7 +133,8 @@ def main() -> None:
                 log_dir.mkdir(parents=True, exist_ok=True)
                 log_path = log_dir / f"{model}-{variant}.log"
                 with open(log_path, "w") as log:  # vLLM logs to stdout: keep both streams in the file
-                    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=os.environ)
+                    env = {**os.environ, "CAPRESE_KERNELS": KERNELS_ENV.get(variant, "0")}
+                    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
                 stderr = log_path.read_text()
                 line = next((ln for ln in stderr.splitlines() if ln.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:

@@ -25,12 +25,23 @@ class GriffinLayerState:
         self.k = k
         self.stat_sq = torch.zeros(num_slots, intermediate_size, dtype=torch.float32, device=device)
         self.neuron_idx = torch.arange(k, device=device).repeat(num_slots, 1)
+        # [slots + 1, I] uint8, the selection as a mask: only the GPU kernels' large-batch route needs it
+        self.keep_mask: torch.Tensor | None = None
+
+    def enable_keep_mask(self) -> torch.Tensor:
+        if self.keep_mask is None:
+            self.keep_mask = torch.zeros(self.stat_sq.shape, dtype=torch.uint8, device=self.stat_sq.device)
+            self.keep_mask.scatter_(1, self.neuron_idx, 1)
+        return self.keep_mask
 
     def reset(self, slots: torch.Tensor) -> None:
         self.stat_sq.index_fill_(0, slots, 0.0)
 
     def select(self, slots: torch.Tensor) -> None:
         self.neuron_idx[slots] = griffin_select(self.stat_sq[slots], self.k)
+        if self.keep_mask is not None:
+            rows = torch.zeros((slots.numel(), self.keep_mask.shape[1]), dtype=torch.uint8, device=slots.device)
+            self.keep_mask[slots] = rows.scatter_(1, self.neuron_idx[slots], 1)
 
 
 class CapreseBatchState:

@@ -8,17 +8,46 @@ weight loaders, untouched) plus a sparse decode path and the low-rank branch.
     y       = down_proj(z) + sparse_scale * (x @ lowrank_a) @ lowrank_b
 
 This is the portable PyTorch path: it computes every neuron and masks, so it is exact against the
-reference and runs anywhere; the GPU path replaces the decode part with gathering kernels.
+reference and runs anywhere. On CUDA, GRIFFIN layers switch to the Triton kernels once the weights
+are loaded (`build_gpu_layout`, called by vLLM's post-loading pass through `quant_method`): the
+gate/up and down weights move into neuron-major buffers that also hold the low-rank rows, and
+`caprese::fused_ff` runs the cheaper route per step (kernels/decode_mlp.py). The kernels are opt-in
+(CAPRESE_KERNELS=1) until they match the portable path under torch.compile for batched prefills:
+benchmarks/gpu_equivalence.py shows equal greedy tokens eagerly and for batch-1 decode, but not yet
+for a compiled batched prefill, and a path that can change results must not be the default.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 from torch import nn
+from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 
 from caprese_vllm.engine import ops  # noqa: F401  (registers torch.ops.caprese.*)
 from caprese_vllm.engine.batch_state import CapreseBatchState, GriffinLayerState
 from caprese_vllm.methods import MethodSpec, griffin_k
+
+
+logger = logging.getLogger("vllm.caprese")
+GATHER_MAX_TOKENS = int(os.environ.get("CAPRESE_GATHER_MAX_TOKENS", "1"))
+
+
+class _AfterLoading(QuantizeMethodBase):
+    """vLLM runs `quant_method.process_weights_after_loading(module)` for every module once the
+    weights are in place, whatever the load format (dummy included): the hook for the GPU layout.
+    The MLP is no quantized linear layer: it neither creates weights nor applies through this."""
+
+    def create_weights(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def apply(self, layer, *args, **kwargs):
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        layer.build_gpu_layout()
 
 
 def _default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
@@ -56,10 +85,42 @@ class CapreseMLP(nn.Module):
                                           requires_grad=False)
             for p in (self.lowrank_a, self.lowrank_b):
                 p.weight_loader = _default_weight_loader
+        self.quant_method = _AfterLoading()
+        # GPU layout (build_gpu_layout): gate_up_ext [2I + R, H], down_t_ext [I + R, H]
+        self.gate_up_ext: torch.Tensor | None = None
+        self.down_t_ext: torch.Tensor | None = None
+
+    def build_gpu_layout(self) -> None:
+        weight = self.gate_up_proj.weight
+        if (self.griffin is None or not weight.is_cuda or os.environ.get("CAPRESE_KERNELS", "0") != "1"
+                or type(self.gate_up_proj.quant_method).__name__ != "UnquantizedLinearMethod"):
+            return
+        from caprese_vllm.kernels.decode_mlp import fuse_weights
+
+        down = self.down_proj.weight
+        self.gate_up_ext, self.down_t_ext = fuse_weights(weight.data, down.data, self._param(self.lowrank_a),
+                                                         self._param(self.lowrank_b))
+        # The projections keep serving their weights as views of the new buffers: no second copy.
+        two_i = weight.shape[0]
+        weight.data = self.gate_up_ext[:two_i]
+        down.data = self.down_t_ext[: two_i // 2].t()
+        self.griffin.enable_keep_mask()
+        if self.layer_idx == 0:
+            logger.warning("caprese: GPU kernels on (CAPRESE_KERNELS=1, experimental: gather route up to %d "
+                           "tokens per step, masked route above)", GATHER_MAX_TOKENS)
+
+    @staticmethod
+    def _param(p: nn.Parameter | None) -> torch.Tensor | None:
+        return None if p is None else p.data
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, H]
         num_tokens = x.shape[0]
         batch = self.batch
+        if self.gate_up_ext is not None:
+            return torch.ops.caprese.fused_ff(
+                x, self.gate_up_ext, self.down_t_ext, self.intermediate_size, self.griffin.neuron_idx,
+                self.griffin.keep_mask, batch.token_slot[:num_tokens], batch.token_dense[:num_tokens],
+                batch.token_stat[:num_tokens], self.griffin.stat_sq, self.act, GATHER_MAX_TOKENS)
         token_dense = batch.token_dense[:num_tokens]
         gate_up, _ = self.gate_up_proj(x)                 # [T, 2I]
         z = self.act_fn(gate_up)                          # [T, I]
