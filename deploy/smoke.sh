@@ -69,8 +69,10 @@ container=$(dc ps -q caprese-cpu)
 deadline=$((SECONDS + 900))
 until [ "$(docker inspect -f '{{.State.Health.Status}}' "$container")" = healthy ]; do
   state=$(docker inspect -f '{{.State.Status}}' "$container")
-  if [ "$state" != running ] || [ $SECONDS -gt $deadline ]; then
-    dc logs --no-color | tail -40; say "FAILED: server $state, not healthy"; exit 1
+  restarts=$(docker inspect -f '{{.RestartCount}}' "$container")
+  if [ "$state" != running ] || [ "$restarts" != 0 ] || [ $SECONDS -gt $deadline ]; then
+    dc logs --no-color | grep -E "Error|error" | tail -5
+    dc logs --no-color | tail -40; say "FAILED: server $state (restarts: $restarts), not healthy"; exit 1
   fi
   sleep 5
 done
@@ -81,7 +83,9 @@ reply=$(curl -fsS "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type:
 echo "$reply"
 content=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])' <<<"$reply")
 [ -n "$content" ] || { say "FAILED: empty answer"; exit 1; }
-dc logs --no-color | grep -m1 "caprese: serving" || { say "FAILED: no adapter summary in the server log"; exit 1; }
-curl -fsS "http://127.0.0.1:$PORT/metrics" | grep '^caprese:adapter_info' \
-  || { say "FAILED: no caprese metrics"; exit 1; }
+# (whole outputs first: `cmd | grep -m1` would fail under pipefail when grep closes the pipe early)
+server_log=$(dc logs --no-color)
+grep -m1 "caprese: serving" <<<"$server_log" || { say "FAILED: no adapter summary in the server log"; exit 1; }
+metrics=$(curl -fsS "http://127.0.0.1:$PORT/metrics")
+grep '^caprese:' <<<"$metrics" || { say "FAILED: no caprese metrics"; exit 1; }
 say "PASSED"
