@@ -4,7 +4,7 @@ Prints one table per model: ms per decode step at each batch size for
   dense      the model as is;
   width7424  the same model with FF width 7424: the ceiling for 50% FF density + a rank-256 path;
   caprese    GRIFFIN density 0.5 on every layer + a random rank-256 path (~0.8% extra parameters),
-             through the Triton kernels (CAPRESE_KERNELS=1);
+             through the Triton kernels (caprese_kernels "on", the default on CUDA);
   caprese-portable  the same through the portable masked PyTorch path (not run unless asked for).
 TTNT is measured as (time of a request with 1 + D output tokens - time with 1 output token) / D, on
 256-token prompts, median of repeats. Each variant runs in its own process (a fresh engine).
@@ -26,8 +26,8 @@ from pathlib import Path
 
 CONFIGS = Path(__file__).parent / "configs"
 VARIANTS = ("dense", "width7424", "caprese", "caprese-portable")
-# caprese: the Triton kernels (CAPRESE_KERNELS=1, opt-in); caprese-portable: the masked PyTorch path.
-KERNELS_ENV = {"caprese": "1", "caprese-portable": "0"}
+# caprese: the Triton kernels; caprese-portable: the masked PyTorch path.
+KERNELS = {"caprese": "on", "caprese-portable": "off"}
 
 
 def make_model_dir(model: str, variant: str, root: Path, rank: int, density: float) -> tuple[Path, dict]:
@@ -48,7 +48,8 @@ def make_model_dir(model: str, variant: str, root: Path, rank: int, density: flo
         method = MethodSpec(name="griffin", density=density, layers=list(range(base.num_layers)))
         adapter = synthetic_adapter(base, method, rank=rank, scale=0.1, dtype="bfloat16")
         adapter.save(root / f"{model}-adapter")
-        extra["additional_config"] = {"caprese_adapter": str(root / f"{model}-adapter")}
+        extra["additional_config"] = {"caprese_adapter": str(root / f"{model}-adapter"),
+                                      "caprese_kernels": KERNELS[variant]}
     return model_dir, extra
 
 
@@ -133,8 +134,7 @@ def main() -> None:
                 log_dir.mkdir(parents=True, exist_ok=True)
                 log_path = log_dir / f"{model}-{variant}.log"
                 with open(log_path, "w") as log:  # vLLM logs to stdout: keep both streams in the file
-                    env = {**os.environ, "CAPRESE_KERNELS": KERNELS_ENV.get(variant, "0")}
-                    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+                    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
                 stderr = log_path.read_text()
                 line = next((ln for ln in stderr.splitlines() if ln.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:

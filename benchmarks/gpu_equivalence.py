@@ -2,9 +2,9 @@
 
     python benchmarks/gpu_equivalence.py --model-dir DIR --adapter DIR [--max-tokens 48]
 
-Three vLLM runs of the same prompts (float32, torch.compile + CUDA graphs as served), each in its
-own process:
-  portable          CAPRESE_KERNELS=0: dense FF + masks + x A B in PyTorch (the CPU plugin's path,
+Three vLLM runs of the same prompts (float32, torch.compile + CUDA graphs as served, max_tokens
+tokens each: EOS ignored, so every prompt compares the whole length), each in its own process:
+  portable          caprese_kernels "off": dense FF + masks + x A B in PyTorch (the CPU plugin's path,
                     tested token-for-token against the reference implementation)
   kernels, batched  the Triton kernels; 8 requests per step -> the masked route
   kernels, alone    the Triton kernels; max_num_seqs=1 -> the gather route (batch-1 decode)
@@ -40,16 +40,17 @@ def run(model_dir: str, adapter: str, max_tokens: int, kernels: bool, alone: boo
     tag += "-nographs" if no_graphs else ""
     tag += "".join(f"-{k}={v}" for k, v in (env_extra or {}).items())
     out = out_dir / f"{tag}.json"
-    config = {"caprese_adapter": adapter, "caprese_check_fingerprint": False}
+    config = {"caprese_adapter": adapter, "caprese_check_fingerprint": False,
+              "caprese_kernels": "on" if kernels else "off"}
     cmd = [sys.executable, str(GENERATE), "--model", model_dir, "--prompts-json", json.dumps(PROMPTS),
-           "--max-tokens", str(max_tokens), "--dtype", "float32", "--out", str(out), "--enforce-eager",
+           "--max-tokens", str(max_tokens), "--ignore-eos", "--dtype", "float32", "--out", str(out), "--enforce-eager",
            "1" if eager else "0",
            "--additional-config", json.dumps(config)]
     if alone:
         cmd += ["--max-num-seqs", "1"]
     if no_graphs:
         cmd += ["--compilation-config", json.dumps({"cudagraph_mode": "NONE"})]
-    env = {**os.environ, "CAPRESE_KERNELS": "1" if kernels else "0", **(env_extra or {})}
+    env = {**os.environ, **(env_extra or {})}
     log = out_dir / f"{tag}.log"
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -60,7 +61,7 @@ def run(model_dir: str, adapter: str, max_tokens: int, kernels: bool, alone: boo
     if kernels and "caprese: GPU kernels on" not in text:
         raise SystemExit(f"{tag}: the GPU kernels were not used (no 'caprese: GPU kernels on' in the log)")
     if not kernels and "caprese: GPU kernels on" in text:
-        raise SystemExit(f"{tag}: CAPRESE_KERNELS=0 did not keep the portable path")
+        raise SystemExit(f"{tag}: caprese_kernels=off did not keep the portable path")
     return [o["token_ids"] for o in json.loads(out.read_text())]
 
 

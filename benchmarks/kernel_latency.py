@@ -35,7 +35,7 @@ def sweep(hidden, inter, k, gate_up_ext, down_t_ext, act) -> None:
     """us of each gather kernel at T=1 for a grid of launch settings (to pick the defaults)."""
     from triton.testing import do_bench_cudagraph
 
-    from caprese_vllm.kernels.gather_down import gather_down
+    from caprese_vllm.kernels.gather_down import gather_down, gather_workspace
     from caprese_vllm.kernels.gather_gate_up import gather_gate_up
 
     x = torch.randn(1, hidden, device="cuda", dtype=gate_up_ext.dtype)
@@ -50,11 +50,14 @@ def sweep(hidden, inter, k, gate_up_ext, down_t_ext, act) -> None:
                 f()
                 results.append((1e3 * do_bench_cudagraph(f, rep=100), "gate_up", block_n, block_h, warps))
     z = gather_gate_up(x, gate_up_ext, inter, idx, slot, flags, act)
+    acc, tickets = gather_workspace(1, hidden, x.device)
+    stat = torch.zeros(1, inter, device="cuda")
     for split in (8, 16, 32, 64):
         for block_n in (16, 32, 64):
             for block_h in (128, 256, 512):
                 for warps in (2, 4, 8):
-                    f = lambda: gather_down(z, down_t_ext, inter, idx, slot, flags, split, block_n, block_h, warps)  # noqa: E731
+                    f = lambda: gather_down(z, down_t_ext, inter, idx, slot, flags, flags, stat, acc, tickets,  # noqa: E731
+                                            split, block_n, block_h, warps)
                     f()
                     results.append((1e3 * do_bench_cudagraph(f, rep=100), "down", split, block_n, block_h, warps))
     for kind in ("gate_up", "down"):
@@ -74,6 +77,7 @@ def main() -> None:
     from triton.testing import do_bench_cudagraph
 
     from caprese_vllm.kernels.decode_mlp import caprese_ff, fuse_weights
+    from caprese_vllm.kernels.gather_down import gather_workspace
 
     dtype = torch.bfloat16
     bandwidth = copy_bandwidth()
@@ -98,18 +102,19 @@ def main() -> None:
             slot = torch.arange(tokens, device="cuda")
             flags = torch.zeros(tokens, dtype=torch.bool, device="cuda")
             stat = torch.zeros(tokens, inter, device="cuda")
+            acc, tickets = gather_workspace(tokens, hidden, x.device)
 
             def dense():
                 h = x @ w_gate_up.t()
                 return (act_fn(h[:, :inter]) * h[:, inter:]) @ w_down.t()
 
             def gather():
-                return caprese_ff(x, gate_up_ext, down_t_ext, inter, idx, keep, slot, flags, flags, stat, act,
-                                  gather_max_tokens=tokens)
+                return caprese_ff(x, gate_up_ext, down_t_ext, inter, idx, keep, slot, flags, flags, stat, acc, tickets,
+                                  act, gather_max_tokens=tokens)
 
             def masked():
-                return caprese_ff(x, gate_up_ext, down_t_ext, inter, idx, keep, slot, flags, flags, stat, act,
-                                  gather_max_tokens=0)
+                return caprese_ff(x, gate_up_ext, down_t_ext, inter, idx, keep, slot, flags, flags, stat, acc, tickets,
+                                  act, gather_max_tokens=0)
 
             gather(), masked()  # compile the Triton kernels before capture
             times = {f.__name__: 1e3 * do_bench_cudagraph(f, rep=200) for f in (dense, gather, masked)}

@@ -8,6 +8,7 @@ that is absent does) and rewrites the process's own argv:
     --caprese-adapter PATH            -> --additional-config '{"caprese_adapter": "PATH"}'
     --caprese-density X               -> ... "caprese_density": X
     --caprese-check-fingerprint BOOL  -> ... "caprese_check_fingerprint": BOOL
+    --caprese-kernels auto|on|off     -> ... "caprese_kernels": "auto" (GPU Triton kernels)
 
 merged into any --additional-config already given. The equivalent spelled-out form always works:
     vllm serve MODEL --additional-config '{"caprese_adapter": "PATH"}'
@@ -25,6 +26,7 @@ _FLAGS = {
     "--caprese-density": ("caprese_density", float),
     "--caprese-check-fingerprint": ("caprese_check_fingerprint",
                                     lambda v: {"true": True, "false": False}[v.lower()]),
+    "--caprese-kernels": ("caprese_kernels", lambda v: {"auto": "auto", "on": "on", "off": "off"}[v.lower()]),
 }
 _ADDITIONAL = "--additional-config"
 

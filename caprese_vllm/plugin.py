@@ -117,7 +117,7 @@ def _create_engine_config_single_threaded(original, engine_args, *args, **kwargs
     from caprese_vllm.observability import publish, summarize
 
     adapter = load_checked_adapter(serve, vllm_config, adapter)  # sizes and weight fingerprint vs. the model
-    _keep_kernels_out_of_inductor(vllm_config)
+    resolve_kernels(serve, vllm_config, adapter.manifest.method.name)
     os.environ[ACTIVE_ENV] = "1"
     register_models()
     name = vllm_config.model_config.served_model_name or vllm_config.model_config.model
@@ -127,18 +127,26 @@ def _create_engine_config_single_threaded(original, engine_args, *args, **kwargs
     return vllm_config
 
 
-FUSED_FF_OP = "caprese::fused_ff"
+def resolve_kernels(serve, vllm_config, method: str) -> bool:
+    """Whether the GRIFFIN layers run the Triton kernels; written back as caprese_kernels "on"/"off".
 
-
-def _keep_kernels_out_of_inductor(vllm_config) -> None:
-    """Make the GPU kernels' op a graph-splitting op, like attention.
-
-    Measured on the H100 (benchmarks/gpu_equivalence.py --diagnose): the op gives the portable path's
-    greedy tokens eagerly, but not under torch.compile for a batched prefill (wrong from the first
-    token, with or without CUDA graphs). As a splitting op it runs between the compiled pieces, like
-    attention; that alone did not fix it (still open), so the kernels stay opt-in.
+    The write-back is what keeps torch.compile caches apart: vLLM keys its compile cache on the
+    config (additional_config included) and on the traced source files, and both paths trace from
+    the same caprese_mlp.py. Without it, a kernels run could load the graph compiled for the
+    portable path (or the reverse) and run it on the other path's weight layout.
     """
-    cc = getattr(vllm_config, "compilation_config", None)
-    if os.environ.get("CAPRESE_KERNELS", "0") != "1" or cc is None or cc.splitting_ops is None or FUSED_FF_OP in cc.splitting_ops:
-        return
-    cc.splitting_ops = [*cc.splitting_ops, FUSED_FF_OP]
+    from vllm.platforms import current_platform
+
+    why_not = None
+    if not current_platform.is_cuda():
+        why_not = "they need a CUDA device"
+    elif method != "griffin":
+        why_not = f"they implement GRIFFIN only (the adapter's method is {method})"
+    elif vllm_config.model_config.quantization is not None:
+        why_not = f"they need unquantized weights (this model is {vllm_config.model_config.quantization})"
+    if serve.kernels == "on" and why_not:
+        raise ValueError(f"--additional-config caprese_kernels=on: {why_not}; use \"auto\" or \"off\"")
+    use = serve.kernels != "off" and why_not is None
+    if isinstance(vllm_config.additional_config, dict):
+        vllm_config.additional_config["caprese_kernels"] = "on" if use else "off"
+    return use

@@ -21,7 +21,8 @@ class Harness:
     """One GRIFFIN layer; each request's token activations are fixed random rows per position."""
 
     def __init__(self, max_slots=4):
-        self.state = CapreseBatchState(max_slots=max_slots, max_tokens=256, device=torch.device("cpu"))
+        self.state = CapreseBatchState(max_slots=max_slots, max_tokens=256, device=torch.device("cpu"),
+                                       griffin_layers=1, intermediate_size=INTER, griffin_k=K)
         self.layer = self.state.add_griffin_layer(INTER, K)
         self.z: dict[str, torch.Tensor] = {}
 

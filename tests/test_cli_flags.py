@@ -25,6 +25,11 @@ def test_merges_with_existing_additional_config():
     assert cfg == {"other": 1, "caprese_adapter": "/a", "caprese_check_fingerprint": False}
 
 
+def test_kernels_flag():
+    _, cfg = additional(translate_argv(["serve", "M", "--caprese-adapter", "/a", "--caprese-kernels", "OFF"]))
+    assert cfg == {"caprese_adapter": "/a", "caprese_kernels": "off"}
+
+
 def test_untouched_without_caprese_flags():
     argv = ["serve", "M", "--port", "1"]
     assert translate_argv(argv) == argv
@@ -34,6 +39,7 @@ def test_untouched_without_caprese_flags():
     (["--caprese-adaptor", "/a"], "unknown flag --caprese-adaptor"),
     (["--caprese-density", "half"], "--caprese-density: invalid value 'half'"),
     (["--caprese-adapter"], "--caprese-adapter needs a value"),
+    (["--caprese-kernels", "fast"], "--caprese-kernels: invalid value 'fast'"),
     (["--additional-config", "{nope", "--caprese-adapter", "/a"], "not a JSON object"),
 ])
 def test_bad_flags_are_one_line_errors(argv, fragment):

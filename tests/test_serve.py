@@ -54,3 +54,15 @@ def test_bad_adapter_is_refused_with_one_line(model_dirs, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("vllm: error: ") and "adapter directory does not exist" in last
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.vllm
+def test_kernels_on_without_a_gpu_is_refused_with_one_line(model_dirs, smol_adapter):
+    vllm_bin = Path(sys.executable).parent / "vllm"
+    proc = subprocess.run([str(vllm_bin), "serve", str(model_dirs["smollm2-135m"]), "--caprese-adapter",
+                           str(smol_adapter), "--caprese-kernels", "on"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == ('vllm: error: --additional-config caprese_kernels=on: they need a CUDA device; '
+                    'use "auto" or "off"'), last
+    assert "Traceback" not in proc.stderr

@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--enforce-eager", type=int, default=1)
     parser.add_argument("--compilation-config", default=None, help="JSON for vLLM's compilation_config")
+    parser.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens tokens")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -43,7 +44,8 @@ def main() -> None:
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, enforce_eager=bool(args.enforce_eager),
               kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0, **extra)
     prompts = json.loads(args.prompts_json)
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+                                                 ignore_eos=args.ignore_eos))
     result = [{"prompt": o.prompt, "token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text}
               for o in outputs]
     with open(args.out, "w") as f:

@@ -19,50 +19,71 @@ from caprese_vllm.methods import griffin_select
 
 
 class GriffinLayerState:
-    """Selection state of one compressed layer: stat_sq [slots + 1, I] fp32, neuron_idx [slots + 1, k]."""
+    """Selection state of one compressed layer, views into the batch's stacked tensors:
+    stat_sq [slots + 1, I] fp32, neuron_idx [slots + 1, k], keep_mask [slots + 1, I] uint8 or None."""
 
-    def __init__(self, num_slots: int, intermediate_size: int, k: int, device: torch.device):
-        self.k = k
-        self.stat_sq = torch.zeros(num_slots, intermediate_size, dtype=torch.float32, device=device)
-        self.neuron_idx = torch.arange(k, device=device).repeat(num_slots, 1)
-        # [slots + 1, I] uint8, the selection as a mask: only the GPU kernels' large-batch route needs it
-        self.keep_mask: torch.Tensor | None = None
+    def __init__(self, batch: CapreseBatchState, index: int):
+        self.batch = batch
+        self.index = index
+        self.k = batch.griffin_k
+        self.stat_sq = batch.stat_sq[index]
+        self.neuron_idx = batch.neuron_idx[index]
+
+    @property
+    def keep_mask(self) -> torch.Tensor | None:
+        return None if self.batch.keep_mask is None else self.batch.keep_mask[self.index]
 
     def enable_keep_mask(self) -> torch.Tensor:
-        if self.keep_mask is None:
-            self.keep_mask = torch.zeros(self.stat_sq.shape, dtype=torch.uint8, device=self.stat_sq.device)
-            self.keep_mask.scatter_(1, self.neuron_idx, 1)
-        return self.keep_mask
-
-    def reset(self, slots: torch.Tensor) -> None:
-        self.stat_sq.index_fill_(0, slots, 0.0)
-
-    def select(self, slots: torch.Tensor) -> None:
-        self.neuron_idx[slots] = griffin_select(self.stat_sq[slots], self.k)
-        if self.keep_mask is not None:
-            rows = torch.zeros((slots.numel(), self.keep_mask.shape[1]), dtype=torch.uint8, device=slots.device)
-            self.keep_mask[slots] = rows.scatter_(1, self.neuron_idx[slots], 1)
+        return self.batch.enable_keep_mask()[self.index]
 
 
 class CapreseBatchState:
-    def __init__(self, max_slots: int, max_tokens: int, device: torch.device):
+    def __init__(self, max_slots: int, max_tokens: int, device: torch.device, griffin_layers: int = 0,
+                 intermediate_size: int = 0, griffin_k: int = 0):
         self.max_slots = max_slots
         self.dummy_slot = max_slots
         self.device = device
         self.free_slots = list(range(max_slots - 1, -1, -1))
         self.slot_of: dict[str, int] = {}
         self.selected = np.zeros(max_slots + 1, dtype=bool)
+        # GRIFFIN state of all compressed layers stacked, so a request's selection is one top-k call.
+        self.griffin_k = griffin_k
+        self.stat_sq = torch.zeros(griffin_layers, max_slots + 1, intermediate_size, dtype=torch.float32,
+                                   device=device)
+        self.neuron_idx = torch.arange(griffin_k, device=device).repeat(griffin_layers, max_slots + 1, 1)
+        # [L, slots + 1, I] uint8, the selections as masks: only the GPU kernels' masked route needs it
+        self.keep_mask: torch.Tensor | None = None
         self.griffin_layers: list[GriffinLayerState] = []
         self.token_slot = torch.full((max_tokens,), self.dummy_slot, dtype=torch.int64, device=device)
         self.token_stat = torch.zeros(max_tokens, dtype=torch.bool, device=device)
         # Default for tokens no step describes (warm-up, CUDA-graph padding): plain dense FF.
         self.token_dense = torch.ones(max_tokens, dtype=torch.bool, device=device)
         self.token_sparse_scale = torch.zeros(max_tokens, 1, dtype=torch.float32, device=device)
+        self._gather_workspace: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add_griffin_layer(self, intermediate_size: int, k: int) -> GriffinLayerState:
-        state = GriffinLayerState(self.max_slots + 1, intermediate_size, k, self.device)
+        if len(self.griffin_layers) == self.stat_sq.shape[0] or (intermediate_size, k) != (self.stat_sq.shape[2],
+                                                                                            self.griffin_k):
+            raise ValueError(f"caprese: GRIFFIN layer {len(self.griffin_layers)} (I={intermediate_size}, k={k}) "
+                             f"does not fit the batch state ({self.stat_sq.shape[0]} layers, "
+                             f"I={self.stat_sq.shape[2]}, k={self.griffin_k})")
+        state = GriffinLayerState(self, len(self.griffin_layers))
         self.griffin_layers.append(state)
         return state
+
+    def enable_keep_mask(self) -> torch.Tensor:
+        if self.keep_mask is None:
+            self.keep_mask = torch.zeros(self.stat_sq.shape, dtype=torch.uint8, device=self.device)
+            self.keep_mask.scatter_(2, self.neuron_idx, 1)
+        return self.keep_mask
+
+    def gather_workspace(self, max_tokens: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The GPU gather route's (acc, tickets), one pair for all layers: they run one after another."""
+        if self._gather_workspace is None or self._gather_workspace[0].shape[0] < max_tokens:
+            from caprese_vllm.kernels.gather_down import gather_workspace
+
+            self._gather_workspace = gather_workspace(max_tokens, hidden, self.device)
+        return self._gather_workspace
 
     def on_step(self, info: StepInfo) -> None:
         for req_id in [r for r in self.slot_of if r not in info.live_req_ids]:
@@ -80,9 +101,7 @@ class CapreseBatchState:
 
         starting = info.chunk_start == 0  # a one-token prompt is never 'in prefill' (V1's view)
         if starting.any():
-            restart = torch.from_numpy(slots[starting]).to(self.device)
-            for layer in self.griffin_layers:
-                layer.reset(restart)
+            self.stat_sq[:, self._device_index(slots[starting])] = 0.0
             self.selected[slots[starting]] = False
 
         token_slot = np.repeat(slots, info.num_scheduled)
@@ -95,9 +114,7 @@ class CapreseBatchState:
         decoding = ~info.in_prefill & (info.chunk_start >= info.prompt_len)
         to_select = np.unique(slots[decoding & ~self.selected[slots]])
         if to_select.size:
-            sel = torch.from_numpy(to_select).to(self.device)
-            for layer in self.griffin_layers:
-                layer.select(sel)
+            self._select(self._device_index(to_select))
             self.selected[to_select] = True
 
         n = token_slot.size
@@ -106,6 +123,21 @@ class CapreseBatchState:
         self._write(self.token_dense, torch.from_numpy(token_dense), True)
         self.token_sparse_scale[:n, 0] = self.token_dense[:n].logical_not().float()
         self.token_sparse_scale[n:] = 0.0
+
+    def _select(self, slots: torch.Tensor) -> None:
+        """Top-k of every compressed layer for these slots: one call over [L, n, I]."""
+        idx = griffin_select(self.stat_sq[:, slots], self.griffin_k)               # [L, n, k]
+        self.neuron_idx[:, slots] = idx
+        if self.keep_mask is not None:
+            rows = torch.zeros((idx.shape[0], idx.shape[1], self.keep_mask.shape[2]), dtype=torch.uint8,
+                               device=self.device)
+            self.keep_mask[:, slots] = rows.scatter_(2, idx, 1)
+
+    def _device_index(self, values: np.ndarray) -> torch.Tensor:
+        index = torch.from_numpy(values)
+        if self.device.type == "cuda":  # a pageable copy would wait for the GPU to drain
+            return index.pin_memory().to(self.device, non_blocking=True)
+        return index.to(self.device)
 
     def _write(self, buffer: torch.Tensor, values: torch.Tensor, fill) -> None:
         n = values.numel()

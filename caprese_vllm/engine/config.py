@@ -9,6 +9,7 @@ Method and density come from the adapter's manifest unless overridden.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,6 +23,12 @@ class CapreseServeConfig(BaseModel):
     density: float | None = Field(default=None, gt=0.0, le=1.0,
                                   description="override the manifest's density (the adapter was fitted at its own)")
     check_fingerprint: bool = Field(default=True, description="refuse adapters fitted on other weights")
+    # The plugin resolves "auto" to "on"/"off" in the front-end and writes it back into
+    # additional_config: vLLM hashes additional_config into its torch.compile cache key, and the two
+    # settings trace different graphs from the same source file, so each must get its own cache.
+    kernels: Literal["auto", "on", "off"] = Field(
+        default="auto", description="GPU Triton kernels for GRIFFIN layers; auto = on where they apply "
+                                    "(CUDA, unquantized weights), off = the portable PyTorch path")
 
     @classmethod
     def from_additional_config(cls, additional_config: dict | None) -> CapreseServeConfig | None:

@@ -16,6 +16,7 @@ from caprese_vllm.engine.batch_state import CapreseBatchState
 from caprese_vllm.engine.config import CapreseServeConfig
 from caprese_vllm.engine.step_info import set_step_listener
 from caprese_vllm.layers.caprese_mlp import CapreseMLP
+from caprese_vllm.methods import griffin_k
 
 logger = logging.getLogger("vllm.caprese")
 
@@ -82,14 +83,19 @@ def install_caprese(model: nn.Module, vllm_config) -> None:
     device = next(model.parameters()).device
     sched = vllm_config.scheduler_config
     # The runner may hold more requests than it schedules at once (waiting, preempted): margin.
+    griffin = manifest.method.name == "griffin"
     batch_state = CapreseBatchState(max_slots=2 * sched.max_num_seqs + 2,
-                                    max_tokens=sched.max_num_batched_tokens + sched.max_num_seqs, device=device)
+                                    max_tokens=sched.max_num_batched_tokens + sched.max_num_seqs, device=device,
+                                    griffin_layers=len(manifest.method.layers) if griffin else 0,
+                                    intermediate_size=text.intermediate_size,
+                                    griffin_k=griffin_k(text.intermediate_size, manifest.method.density))
     act = _hidden_act(text)
     dtype = vllm_config.model_config.dtype
     layers = model.model.layers
     for i in manifest.method.layers:
         layers[i].mlp = CapreseMLP(layers[i].mlp, i, manifest.method, manifest.lowrank.ranks.get(i), act,
-                                   batch_state, text.hidden_size, text.intermediate_size, dtype)
+                                   batch_state, text.hidden_size, text.intermediate_size, dtype,
+                                   use_kernels=serve.kernels == "on")
     model._caprese_adapter = adapter
     model._caprese_batch_state = batch_state
     set_step_listener(batch_state.on_step)

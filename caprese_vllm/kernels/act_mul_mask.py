@@ -4,10 +4,13 @@ With many decode tokens, each with its own neurons, gathering reads more rows th
 so the step runs the dense GEMMs over gate_up_ext / down_t_ext (their low-rank rows included) and
 this kernel, in place of vLLM's act_and_mul, zeroes each decode token's unselected neurons and its
 low-rank channels' gate (dense tokens keep every neuron and get no low-rank contribution).
+Each program also writes the sum of squares of its block of neurons (of z as stored), so GRIFFIN's
+statistic (griffin_stats.py) gets each token's norm without reading z twice.
 
     h            [T, 2I + R]
     keep_mask    [S, I] uint8   per-slot selected neurons (1 = kept)
     -> z         [T, I + R]
+       sumsq_parts [T, cdiv(I + R, BLOCK)] float32: sum over the block's neuron columns of z^2
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from caprese_vllm.kernels.gather_gate_up import ACTIVATIONS, TORCH_ACTIVATIONS, 
 
 
 @triton.jit
-def _act_mul_mask_kernel(h_ptr, keep_ptr, slot_ptr, dense_ptr, z_ptr, I, R, stride_h, stride_keep, stride_z,
-                         ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _act_mul_mask_kernel(h_ptr, keep_ptr, slot_ptr, dense_ptr, z_ptr, parts_ptr, I, R, stride_h, stride_keep,
+                         stride_z, stride_parts, ACT: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = c < I + R
@@ -33,18 +36,23 @@ def _act_mul_mask_kernel(h_ptr, keep_ptr, slot_ptr, dense_ptr, z_ptr, I, R, stri
     gate = tl.load(h_ptr + t * stride_h + tl.where(is_neuron, c, I + c), mask=live, other=0.0).to(tl.float32)
     up = tl.load(h_ptr + t * stride_h + I + c, mask=live & is_neuron, other=0.0).to(tl.float32)
     z = tl.where(is_neuron, tl.where(keep, apply_act(gate, ACT) * up, 0.0), tl.where(dense, 0.0, gate))
-    tl.store(z_ptr + t * stride_z + c, z.to(z_ptr.dtype.element_ty), mask=live)
+    z = z.to(z_ptr.dtype.element_ty)
+    tl.store(z_ptr + t * stride_z + c, z, mask=live)
+    zf = tl.where(live & is_neuron, z.to(tl.float32), 0.0)
+    tl.store(parts_ptr + t * stride_parts + tl.program_id(1), tl.sum(zf * zf, axis=0))
 
 
 def act_mul_mask(h: torch.Tensor, inter: int, keep_mask: torch.Tensor, token_slot: torch.Tensor,
-                 token_dense: torch.Tensor, act: str, block: int = 1024) -> torch.Tensor:
+                 token_dense: torch.Tensor, act: str, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     num_tokens = h.shape[0]
     rank = h.shape[1] - 2 * inter
     z = torch.empty(num_tokens, inter + rank, dtype=h.dtype, device=h.device)
     grid = (num_tokens, triton.cdiv(inter + rank, block))
-    _act_mul_mask_kernel[grid](h, keep_mask, token_slot, token_dense, z, inter, rank, h.stride(0),
-                               keep_mask.stride(0), z.stride(0), ACT=ACTIVATIONS[act], BLOCK=block)
-    return z
+    sumsq_parts = torch.empty(num_tokens, grid[1], dtype=torch.float32, device=h.device)
+    _act_mul_mask_kernel[grid](h, keep_mask, token_slot, token_dense, z, sumsq_parts, inter, rank, h.stride(0),
+                               keep_mask.stride(0), z.stride(0), sumsq_parts.stride(0), ACT=ACTIVATIONS[act],
+                               BLOCK=block)
+    return z, sumsq_parts
 
 
 def act_mul_mask_reference(h, inter, keep_mask, token_slot, token_dense, act):

@@ -1,14 +1,16 @@
 """The Caprese FF of one layer on GPU for all tokens of a step, choosing the cheaper route.
 
     gather  (T <= gather_max_tokens): each token reads only its k neurons' rows + the R low-rank rows
-            (gather_gate_up, gather_down). Batch-1 decode reads ~half the FF weights.
+            (gather_gate_up, gather_down; two kernels, the statistic and the output cast inside the
+            second). Batch-1 decode reads ~half the FF weights.
     masked  (more tokens): with several requests each reading its own rows, gathering would read more
             than the dense matrices hold, so the step runs the dense GEMMs over gate_up_ext and
             down_t_ext (low-rank rows included) with act_mul_mask zeroing unselected neurons: the
             cost of the dense FF plus the R extra rows, never a second pass.
 Both routes compute the same function (tested against each other and against the portable path);
 dense tokens (prompt, recompute) get every neuron and no low-rank path. GRIFFIN's statistic is
-accumulated from the prompt tokens' activations in the same call.
+accumulated from the prompt tokens' activations in the same call. `acc` and `tickets` are
+gather_down's workspace (gather_workspace), shared by all layers: they are zero between calls.
 """
 
 from __future__ import annotations
@@ -16,24 +18,22 @@ from __future__ import annotations
 import torch
 
 from caprese_vllm.kernels.act_mul_mask import act_mul_mask, act_mul_mask_reference
-from caprese_vllm.kernels.gather_down import gather_down, gather_down_reference
+from caprese_vllm.kernels.gather_down import gather_down, gather_down_reference, gather_workspace  # noqa: F401
 from caprese_vllm.kernels.gather_gate_up import gather_gate_up, gather_gate_up_reference
 from caprese_vllm.kernels.griffin_stats import griffin_stats_
 
 
 def caprese_ff(x: torch.Tensor, gate_up_ext: torch.Tensor, down_t_ext: torch.Tensor, inter: int,
                neuron_idx: torch.Tensor, keep_mask: torch.Tensor, token_slot: torch.Tensor,
-               token_dense: torch.Tensor, token_stat: torch.Tensor, stat_sq: torch.Tensor | None, act: str,
-               gather_max_tokens: int) -> torch.Tensor:
+               token_dense: torch.Tensor, token_stat: torch.Tensor, stat_sq: torch.Tensor, acc: torch.Tensor,
+               tickets: torch.Tensor, act: str, gather_max_tokens: int) -> torch.Tensor:
     if x.shape[0] <= gather_max_tokens:
         z = gather_gate_up(x, gate_up_ext, inter, neuron_idx, token_slot, token_dense, act)
-        y = gather_down(z, down_t_ext, inter, neuron_idx, token_slot, token_dense)
-    else:
-        z = act_mul_mask(x @ gate_up_ext.t(), inter, keep_mask, token_slot, token_dense, act)
-        y = z @ down_t_ext
-    if stat_sq is not None:
-        griffin_stats_(z, inter, token_slot, token_stat, stat_sq)
-    return y
+        return gather_down(z, down_t_ext, inter, neuron_idx, token_slot, token_dense, token_stat, stat_sq, acc,
+                           tickets)
+    z, sumsq_parts = act_mul_mask(x @ gate_up_ext.t(), inter, keep_mask, token_slot, token_dense, act)
+    griffin_stats_(z, inter, token_slot, token_stat, stat_sq, sumsq_parts)
+    return z @ down_t_ext
 
 
 def gather_route_reference(x, gate_up_ext, down_t_ext, inter, neuron_idx, token_slot, token_dense, act):

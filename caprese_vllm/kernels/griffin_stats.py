@@ -1,11 +1,17 @@
 """GRIFFIN's prompt statistic on GPU: stat_sq[slot_t] += z_t^2 / |z_t|^2 for every prompt token t.
 
-One program per token; non-prompt tokens return at once (decode steps pay only the launch). The
-float32 accumulation matches `caprese_vllm.methods.griffin.griffin_accumulate`.
+A prefill step brings thousands of prompt tokens, mostly long runs of one request, so adding each
+token's row into its slot with atomics would pile millions of atomics onto the same addresses.
+Each program takes a tile of TOK_TILE tokens x BLOCK_C neurons instead and, when the whole tile
+belongs to one slot (all but the tiles at request boundaries), adds the tile's column sums with one
+atomic per neuron. Tiles without prompt tokens (every tile of a decode step) return at once.
+Token norms come from act_mul_mask's per-block sums of squares. The float32 accumulation matches
+`caprese_vllm.methods.griffin.griffin_accumulate`.
 
-    z           [T, >= I]   dense activations in neuron order (columns [0, I))
-    token_stat  [T] bool    prompt tokens
-    stat_sq     [S, I] float32, updated in place
+    z            [T, >= I]   activations as stored, neuron order (columns [0, I))
+    sumsq_parts  [T, P]      float32, sum over the row's parts = |z_t|^2 (act_mul_mask)
+    token_stat   [T] bool    prompt tokens
+    stat_sq      [S, I] float32, updated in place
 """
 
 from __future__ import annotations
@@ -15,30 +21,40 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
-def _griffin_stats_kernel(z_ptr, slot_ptr, stat_flag_ptr, stat_ptr, I, stride_z, stride_stat,
-                          BLOCK: tl.constexpr):
-    t = tl.program_id(0)
-    if tl.load(stat_flag_ptr + t) == 0:
+def _griffin_stats_kernel(z_ptr, parts_ptr, slot_ptr, stat_flag_ptr, stat_ptr, T, I, P, stride_z, stride_parts,
+                          stride_stat, TOK_TILE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    t = tl.program_id(0) * TOK_TILE + tl.arange(0, TOK_TILE)
+    tok_live = t < T
+    flag = tl.load(stat_flag_ptr + t, mask=tok_live, other=0) != 0
+    if tl.max(flag.to(tl.int32), axis=0) == 0:
         return
-    slot = tl.load(slot_ptr + t)
-    sumsq = tl.zeros([BLOCK], dtype=tl.float32)
-    for c0 in range(0, I, BLOCK):
-        c = c0 + tl.arange(0, BLOCK)
-        zv = tl.load(z_ptr + t * stride_z + c, mask=c < I, other=0.0).to(tl.float32)
-        sumsq += zv * zv
-    inv = 1.0 / tl.maximum(tl.sum(sumsq, axis=0), 1.1754943508222875e-38)
-    for c0 in range(0, I, BLOCK):
-        c = c0 + tl.arange(0, BLOCK)
-        zv = tl.load(z_ptr + t * stride_z + c, mask=c < I, other=0.0).to(tl.float32)
-        tl.atomic_add(stat_ptr + slot * stride_stat + c, zv * zv * inv, mask=c < I)
+    slot = tl.load(slot_ptr + t, mask=flag, other=0)
+    p = tl.arange(0, BLOCK_P)
+    parts = tl.load(parts_ptr + t[:, None] * stride_parts + p[None, :], mask=flag[:, None] & (p[None, :] < P),
+                    other=0.0)
+    inv = tl.where(flag, 1.0 / tl.maximum(tl.sum(parts, axis=1), 1.1754943508222875e-38), 0.0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < I
+    zt = tl.load(z_ptr + t[:, None] * stride_z + c[None, :], mask=flag[:, None] & cmask[None, :], other=0.0)
+    zt = zt.to(tl.float32)
+    contrib = zt * zt * inv[:, None]                                   # [TOK_TILE, BLOCK_C]
+    lo = tl.min(tl.where(flag, slot, 2147483647), axis=0)
+    hi = tl.max(tl.where(flag, slot, -1), axis=0)
+    if lo == hi:
+        tl.atomic_add(stat_ptr + lo * stride_stat + c, tl.sum(contrib, axis=0), mask=cmask)
+    else:
+        tl.atomic_add(stat_ptr + slot[:, None] * stride_stat + c[None, :], contrib,
+                      mask=flag[:, None] & cmask[None, :])
 
 
 def griffin_stats_(z: torch.Tensor, inter: int, token_slot: torch.Tensor, token_stat: torch.Tensor,
-                   stat_sq: torch.Tensor, block: int = 1024) -> None:
-    _griffin_stats_kernel[(z.shape[0],)](z, token_slot, token_stat, stat_sq, inter, z.stride(0), stat_sq.stride(0),
-                                         BLOCK=block)
+                   stat_sq: torch.Tensor, sumsq_parts: torch.Tensor, tok_tile: int = 32, block_c: int = 256) -> None:
+    num_tokens, num_parts = sumsq_parts.shape
+    grid = (triton.cdiv(num_tokens, tok_tile), triton.cdiv(inter, block_c))
+    _griffin_stats_kernel[grid](z, sumsq_parts, token_slot, token_stat, stat_sq, num_tokens, inter, num_parts,
+                                z.stride(0), sumsq_parts.stride(0), stat_sq.stride(0), TOK_TILE=tok_tile,
+                                BLOCK_C=block_c, BLOCK_P=triton.next_power_of_2(num_parts))
 
 
 def griffin_stats_reference_(z, inter, token_slot, token_stat, stat_sq) -> None:

@@ -8,19 +8,17 @@ weight loaders, untouched) plus a sparse decode path and the low-rank branch.
     y       = down_proj(z) + sparse_scale * (x @ lowrank_a) @ lowrank_b
 
 This is the portable PyTorch path: it computes every neuron and masks, so it is exact against the
-reference and runs anywhere. On CUDA, GRIFFIN layers switch to the Triton kernels once the weights
-are loaded (`build_gpu_layout`, called by vLLM's post-loading pass through `quant_method`): the
-gate/up and down weights move into neuron-major buffers that also hold the low-rank rows, and
-`caprese::fused_ff` runs the cheaper route per step (kernels/decode_mlp.py). The kernels are opt-in
-(CAPRESE_KERNELS=1) until they match the portable path under torch.compile for batched prefills:
-benchmarks/gpu_equivalence.py shows equal greedy tokens eagerly and for batch-1 decode, but not yet
-for a compiled batched prefill, and a path that can change results must not be the default.
+reference and runs anywhere. On CUDA, GRIFFIN layers run the Triton kernels (caprese_kernels, on by
+default where they apply; the plugin resolves it): once the weights are loaded (`build_gpu_layout`,
+called by vLLM's post-loading pass through `quant_method`) the gate/up and down weights move into
+neuron-major buffers that also hold the low-rank rows, and `caprese::fused_ff` runs the cheaper
+route per step (kernels/decode_mlp.py): each token gathers its own rows while the step has at most
+I // (k + R) tokens (batch-1 decode at density 0.5), the dense GEMMs with masks above.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
@@ -32,7 +30,6 @@ from caprese_vllm.methods import MethodSpec, griffin_k
 
 
 logger = logging.getLogger("vllm.caprese")
-GATHER_MAX_TOKENS = int(os.environ.get("CAPRESE_GATHER_MAX_TOKENS", "1"))
 
 
 class _AfterLoading(QuantizeMethodBase):
@@ -60,7 +57,7 @@ def _default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> 
 class CapreseMLP(nn.Module):
     def __init__(self, mlp: nn.Module, layer_idx: int, method: MethodSpec, rank: int | None,
                  act: str, batch_state: CapreseBatchState, hidden_size: int, intermediate_size: int,
-                 params_dtype: torch.dtype):
+                 params_dtype: torch.dtype, use_kernels: bool = False):
         super().__init__()
         # Adopt the original submodules under their own names, so checkpoint names still match.
         self.gate_up_proj = mlp.gate_up_proj
@@ -86,15 +83,26 @@ class CapreseMLP(nn.Module):
             for p in (self.lowrank_a, self.lowrank_b):
                 p.weight_loader = _default_weight_loader
         self.quant_method = _AfterLoading()
+        self.use_kernels = use_kernels and self.griffin is not None
+        # Gathering reads T * (k + R) weight rows, the masked dense GEMMs I + R: gather while cheaper.
+        self.gather_max_tokens = 0
+        if self.griffin is not None:
+            self.gather_max_tokens = max(1, intermediate_size // (self.griffin.k + (rank or 0)))
         # GPU layout (build_gpu_layout): gate_up_ext [2I + R, H], down_t_ext [I + R, H]
         self.gate_up_ext: torch.Tensor | None = None
         self.down_t_ext: torch.Tensor | None = None
+        self.gather_acc: torch.Tensor | None = None      # [>= gather_max_tokens, H] fp32, shared
+        self.gather_tickets: torch.Tensor | None = None
 
     def build_gpu_layout(self) -> None:
-        weight = self.gate_up_proj.weight
-        if (self.griffin is None or not weight.is_cuda or os.environ.get("CAPRESE_KERNELS", "0") != "1"
-                or type(self.gate_up_proj.quant_method).__name__ != "UnquantizedLinearMethod"):
+        if not self.use_kernels:
             return
+        weight = self.gate_up_proj.weight
+        quant = type(self.gate_up_proj.quant_method).__name__
+        if not weight.is_cuda or quant != "UnquantizedLinearMethod":
+            # The plugin only turns kernels on for CUDA and unquantized models: a bug if reached.
+            raise RuntimeError(f"caprese: layer {self.layer_idx}: GPU kernels on, but weights are "
+                               f"{'on ' + str(weight.device) if not weight.is_cuda else quant}")
         from caprese_vllm.kernels.decode_mlp import fuse_weights
 
         down = self.down_proj.weight
@@ -105,9 +113,12 @@ class CapreseMLP(nn.Module):
         weight.data = self.gate_up_ext[:two_i]
         down.data = self.down_t_ext[: two_i // 2].t()
         self.griffin.enable_keep_mask()
+        # Sized for the model's largest gather_max_tokens (I // k), so all layers share one pair.
+        self.gather_acc, self.gather_tickets = self.batch.gather_workspace(
+            self.intermediate_size // self.griffin.k, weight.shape[1])
         if self.layer_idx == 0:
-            logger.warning("caprese: GPU kernels on (CAPRESE_KERNELS=1, experimental: gather route up to %d "
-                           "tokens per step, masked route above)", GATHER_MAX_TOKENS)
+            logger.info("caprese: GPU kernels on: each token gathers its neurons' rows in steps of up to %d "
+                        "tokens, masked dense GEMMs above", self.gather_max_tokens)
 
     @staticmethod
     def _param(p: nn.Parameter | None) -> torch.Tensor | None:
@@ -120,7 +131,8 @@ class CapreseMLP(nn.Module):
             return torch.ops.caprese.fused_ff(
                 x, self.gate_up_ext, self.down_t_ext, self.intermediate_size, self.griffin.neuron_idx,
                 self.griffin.keep_mask, batch.token_slot[:num_tokens], batch.token_dense[:num_tokens],
-                batch.token_stat[:num_tokens], self.griffin.stat_sq, self.act, GATHER_MAX_TOKENS)
+                batch.token_stat[:num_tokens], self.griffin.stat_sq, self.gather_acc, self.gather_tickets, self.act,
+                self.gather_max_tokens)
         token_dense = batch.token_dense[:num_tokens]
         gate_up, _ = self.gate_up_proj(x)                 # [T, 2I]
         z = self.act_fn(gate_up)                          # [T, I]
