@@ -28,8 +28,10 @@ def adapter_dir(smol_base, tmp_path):
 
 
 def edit_manifest(directory, **changes):
+    """Hand edits, as to an adapter without export digests (those are tested on their own below)."""
     path = directory / MANIFEST_FILE
     data = json.loads(path.read_text())
+    data["integrity"] = None
     for dotted, value in changes.items():
         node, *keys = [data, *dotted.split("__")]
         for key in keys[:-1]:
@@ -39,6 +41,7 @@ def edit_manifest(directory, **changes):
 
 
 def edit_tensors(directory, fn):
+    edit_manifest(directory)
     path = directory / TENSORS_FILE
     tensors = load_file(str(path))
     fn(tensors)
@@ -87,6 +90,20 @@ def test_truncated_tensors(adapter_dir):
     path = adapter_dir / TENSORS_FILE
     path.write_bytes(path.read_bytes()[:100])
     refuse(adapter_dir, TENSORS_FILE, "not a readable safetensors")
+
+
+def test_export_digests_catch_an_edited_manifest(adapter_dir):
+    path = adapter_dir / MANIFEST_FILE
+    path.write_text(path.read_text().replace('"density": 0.5', '"density": 0.7'))
+    refuse(adapter_dir, MANIFEST_FILE, "integrity.manifest_sha256", "caprese_density")
+
+
+def test_export_digests_catch_a_flipped_weight_bit(adapter_dir):
+    path = adapter_dir / TENSORS_FILE
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # inside the last tensor's payload: still a valid safetensors file
+    path.write_bytes(bytes(data))
+    refuse(adapter_dir, TENSORS_FILE, "integrity.tensors_sha256")
 
 
 def test_future_format_version(adapter_dir):
@@ -153,3 +170,55 @@ def test_adapter_for_another_base_model_is_refused_before_patching(smol_base, tm
 def test_adapter_of_other_real_model_is_refused(adapter_dir, hf_models):
     with pytest.raises(AdapterError, match="base_model.architecture"):
         patch_model(hf_models["gemma3-270m"][0], adapter=CapreseAdapter.load(adapter_dir))
+
+
+def _corrupt(data: bytes, rng) -> bytes:
+    """One random corruption: flip bytes, truncate, cut a hole, append junk, or duplicate a slice."""
+    kind = rng.choice(["flip", "truncate", "hole", "append", "duplicate"])
+    n = len(data)
+    if kind == "flip":
+        out = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            out[rng.randrange(n)] ^= 1 << rng.randrange(8)
+        return bytes(out)
+    if kind == "truncate":
+        return data[:rng.randrange(n)]
+    if kind == "hole":
+        a = rng.randrange(n)
+        return data[:a] + data[a + rng.randint(1, 64):]
+    if kind == "append":
+        return data + bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    a = rng.randrange(n)
+    return data[:a] + data[a:a + 32] + data[a:]
+
+
+def test_fuzz_random_corruptions_are_refused_or_harmless(adapter_dir):
+    """200 random corruptions of a valid adapter's files: each load either fails with one AdapterError line
+    naming the file, or gives back exactly the original adapter (a flipped bit in JSON whitespace, say),
+    never a different model, a hang or another exception."""
+    import random
+    import time
+
+    original = CapreseAdapter.load(adapter_dir)
+    files = {name: (adapter_dir / name).read_bytes() for name in (MANIFEST_FILE, TENSORS_FILE)}
+    rng = random.Random(1234)
+    outcomes = {"refused": 0, "harmless": 0}
+    for case in range(200):
+        name = rng.choice(sorted(files))
+        (adapter_dir / name).write_bytes(_corrupt(files[name], rng))
+        start = time.monotonic()
+        try:
+            loaded = CapreseAdapter.load(adapter_dir)
+        except AdapterError as err:
+            message = str(err)
+            assert "\n" not in message and (name in message or str(adapter_dir) in message), (case, message)
+            outcomes["refused"] += 1
+        else:  # accepted (the digests make this rare): it must be the very same adapter
+            assert loaded.manifest == original.manifest, case
+            for layer in original.lowrank_a:
+                assert torch.equal(loaded.lowrank_a[layer], original.lowrank_a[layer]), case
+                assert torch.equal(loaded.lowrank_b[layer], original.lowrank_b[layer]), case
+            outcomes["harmless"] += 1
+        assert time.monotonic() - start < 10, f"case {case}: loading took too long"
+        (adapter_dir / name).write_bytes(files[name])
+    assert outcomes["refused"] >= 150, outcomes

@@ -8,6 +8,7 @@ field; each failure is one `AdapterError` line naming the file and field or tens
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from pydantic import ValidationError
 
 from caprese_vllm.adapter.manifest import (
-    FORMAT_VERSION, MANIFEST_FILE, TENSORS_FILE, BaseModelInfo, CapreseManifest,
+    FORMAT_VERSION, MANIFEST_FILE, TENSORS_FILE, BaseModelInfo, CapreseManifest, Integrity,
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,7 +39,7 @@ class CapreseAdapter:
 
     # ---- writing -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write atomically: tensors first, manifest last, both via rename."""
+        """Write atomically: tensors first, manifest last (with both files' digests), both via rename."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -51,7 +52,11 @@ class CapreseAdapter:
             tensors[name_b] = self.lowrank_b[layer].detach().to("cpu", dtype).contiguous()
         tmp = directory / (TENSORS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt", "caprese_format_version": str(FORMAT_VERSION)})
+        tensors_sha256 = _file_sha256(tmp)
         tmp.replace(directory / TENSORS_FILE)
+        manifest = self.manifest.model_copy(update={"integrity": None})
+        self.manifest = manifest.model_copy(update={"integrity": Integrity(
+            manifest_sha256=manifest.content_sha256(), tensors_sha256=tensors_sha256)})
         tmp = directory / (MANIFEST_FILE + ".tmp")
         tmp.write_text(self.manifest.model_dump_json(indent=2) + "\n")
         tmp.replace(directory / MANIFEST_FILE)
@@ -63,6 +68,7 @@ class CapreseAdapter:
         directory = Path(directory)
         manifest = load_manifest(directory)
         tensors = _load_tensors(directory / TENSORS_FILE)
+        _check_tensors_digest(directory / TENSORS_FILE, manifest)
         lowrank_a, lowrank_b = _check_tensors(directory / TENSORS_FILE, manifest, tensors)
         return cls(manifest=manifest, lowrank_a={k: v.to(device) for k, v in lowrank_a.items()},
                    lowrank_b={k: v.to(device) for k, v in lowrank_b.items()})
@@ -101,12 +107,38 @@ def load_manifest(directory: Path) -> CapreseManifest:
         raise AdapterError(f"{path}: format_version {version} is newer than this caprese-vllm reads "
                            f"({FORMAT_VERSION}); upgrade caprese-vllm")
     try:
-        return CapreseManifest.model_validate(raw)
+        manifest = CapreseManifest.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise AdapterError(f"{path}: field {loc}: {first['msg']}; fix the field or re-export the "
                            "adapter with caprese-distill") from None
+    if manifest.integrity is not None and manifest.content_sha256() != manifest.integrity.manifest_sha256:
+        raise AdapterError(f"{path}: content does not match integrity.manifest_sha256 written at export: the "
+                           "file is corrupt or was edited; copy the adapter again (to serve at another "
+                           "density, pass caprese_density instead of editing the file)")
+    return manifest
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_tensors_digest(path: Path, manifest: CapreseManifest) -> None:
+    if manifest.integrity is None:
+        return
+    try:
+        actual = _file_sha256(path)
+    except OSError as err:
+        raise AdapterError(f"{path}: unreadable ({err.strerror}); check the file's permissions") from None
+    if actual != manifest.integrity.tensors_sha256:
+        raise AdapterError(f"{path}: sha256 {actual[:12]}... differs from {MANIFEST_FILE} "
+                           f"integrity.tensors_sha256 {manifest.integrity.tensors_sha256[:12]}...: the file is "
+                           "corrupt or from another export; copy the adapter again")
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

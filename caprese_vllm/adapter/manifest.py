@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -43,6 +44,16 @@ class TrainingInfo(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class Integrity(BaseModel):
+    """Digests written at export. A corrupt copy can still parse (a flipped digit in `density`, a flipped
+    bit in a weight) and would load as a slightly different model; with these, loading refuses it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of this manifest, `integrity` left out")
+    tensors_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description=f"of {TENSORS_FILE}'s bytes")
+
+
 class CapreseManifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +62,8 @@ class CapreseManifest(BaseModel):
     method: MethodSpec
     lowrank: LowRankInfo
     training: TrainingInfo = Field(default_factory=TrainingInfo)
+    integrity: Integrity | None = Field(default=None, description="written by save(); None (hand-made "
+                                        "or older adapters): not checked")
 
     @model_validator(mode="after")
     def _check(self) -> CapreseManifest:
@@ -63,6 +76,9 @@ class CapreseManifest(BaseModel):
                 raise ValueError(f"lowrank.ranks[{layer}] = {rank}: a rank must be in [1, hidden_size="
                                  f"{base.hidden_size}]")
         return self
+
+    def content_sha256(self) -> str:
+        return hashlib.sha256(self.model_dump_json(exclude={"integrity"}).encode()).hexdigest()
 
     def extra_params(self) -> int:
         return sum(2 * self.base_model.hidden_size * r for r in self.lowrank.ranks.values())
