@@ -39,6 +39,8 @@ class FitConfig(_Strict):
     layerwise_lr: float = Field(1e-3, gt=0.0)
     # end-to-end refinement (the paper's stage 2): all low-rank paths together, teacher-forced
     e2e_loss: Literal["hidden_mse", "kl", "hidden_mse+kl"] = "hidden_mse+kl"
+    e2e_kl_top: int = Field(0, ge=0, description="KL over the union of the dense model's top-k tokens per "
+                                                 "batch (0: the whole vocabulary)")
     e2e_epochs: int = Field(1, gt=0)
     e2e_lr: float = Field(2e-4, gt=0.0)
     e2e_batch_tokens: int = Field(4096, gt=0, description="tokens per optimizer step (sequences are packed "
@@ -133,6 +135,10 @@ def pin_config(config: DistillConfig) -> None:
     mine = json.loads(config.model_dump_json())
     if path.exists():
         theirs = json.loads(path.read_text())
+        try:  # settings added since that run was made count with their defaults (what that run used)
+            theirs = json.loads(DistillConfig.model_validate(theirs).model_dump_json())
+        except ValidationError:
+            pass  # compared as written: the differing fields are named below
         differing = sorted(k for k in set(mine) | set(theirs)
                            if k not in VOLATILE_FIELDS and mine.get(k) != theirs.get(k))
         if differing:

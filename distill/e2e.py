@@ -4,7 +4,10 @@ Each step runs a batch twice: all tokens dense (the target) and as served (promp
 through the sparse FF + low-rank paths). The loss compares them on the completion tokens:
   hidden_mse    mean squared error of the final hidden state (after the final norm, before the LM
                 head), divided by the target's mean square (the paper's loss, made scale-free);
-  kl            KL(dense || Caprese) of the next-token distributions;
+  kl            KL(dense || Caprese) of the next-token distributions (fit.e2e_kl_top > 0: over the union
+                of the dense model's top tokens at the batch's positions, both sides renormalised there:
+                the LM head then runs with gradients on a few thousand rows, not the whole vocabulary,
+                which for Gemma's 262K tokens is most of a step's time);
   hidden_mse+kl their sum.
 Base weights stay frozen; A and B train in float32 whatever the model's dtype. The checkpoint
 (`fit/e2e.pt`) is written after every epoch, so an interrupted run resumes at the last epoch.
@@ -39,31 +42,44 @@ class FinalHidden:
         self._handle.remove()
 
 
-def lm_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """LM-head logits [N, V] for hidden [N, H], with the model's final soft-capping where it has one."""
-    logits = model.get_output_embeddings()(hidden).float()
+def lm_logits(model: torch.nn.Module, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """LM-head logits [N, V] (or [N, len(vocab)] for those token ids) for hidden [N, H], with the model's
+    final soft-capping where it has one."""
+    head = model.get_output_embeddings()
+    if vocab is None:
+        logits = head(hidden).float()
+    else:
+        logits = F.linear(hidden, head.weight[vocab], None if head.bias is None else head.bias[vocab]).float()
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
 
 
-def kl_to_dense(model, dense_hidden: torch.Tensor, hidden: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Per-token KL(dense || model) [N], logits built `chunk` rows at a time (vocabularies are large)."""
+def kl_to_dense(model, dense_hidden: torch.Tensor, hidden: torch.Tensor, chunk: int = 1024,
+                top: int = 0) -> torch.Tensor:
+    """Per-token KL(dense || model) [N], logits built `chunk` rows at a time (vocabularies are large);
+    top > 0: over the union of the dense top-`top` token ids of the chunk's positions."""
     out = []
     for start in range(0, hidden.shape[0], chunk):
-        log_p = F.log_softmax(lm_logits(model, dense_hidden[start:start + chunk]), dim=-1)
-        log_q = F.log_softmax(lm_logits(model, hidden[start:start + chunk]), dim=-1)
+        vocab = None
+        with torch.no_grad():
+            dense_logits = lm_logits(model, dense_hidden[start:start + chunk])
+            if top:
+                vocab = dense_logits.topk(min(top, dense_logits.shape[-1]), dim=-1).indices.unique()
+                dense_logits = dense_logits[:, vocab]
+            log_p = F.log_softmax(dense_logits, dim=-1)
+        log_q = F.log_softmax(lm_logits(model, hidden[start:start + chunk], vocab), dim=-1)
         out.append((log_p.exp() * (log_p - log_q)).sum(-1))
     return torch.cat(out)
 
 
-def _loss(kind: str, model, target: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def _loss(kind: str, model, target: torch.Tensor, hidden: torch.Tensor, kl_top: int = 0) -> torch.Tensor:
     loss = hidden.new_zeros((), dtype=torch.float32)
     if "hidden_mse" in kind:
         loss = loss + (hidden.float() - target.float()).square().mean() / target.float().square().mean()
     if "kl" in kind:
-        loss = loss + kl_to_dense(model, target, hidden).mean()
+        loss = loss + kl_to_dense(model, target, hidden, top=kl_top).mean()
     return loss
 
 
@@ -115,7 +131,7 @@ def refine_end_to_end(config: DistillConfig, model, pad_id: int, init: CapreseAd
                 with teacher_forcing(model, batch.prompt_mask):
                     model(**kwargs)
                     hidden = final_hidden.value[completion]
-                loss = _loss(fc.e2e_loss, model, target, hidden)
+                loss = _loss(fc.e2e_loss, model, target, hidden, fc.e2e_kl_top)
                 if not math.isfinite(loss.item()):
                     raise DistillError(f"fit: end-to-end loss became {loss.item()} at epoch {epoch + 1}; lower "
                                        "fit.e2e_lr and rerun (the checkpoint of the last finished epoch is kept)")
@@ -136,7 +152,7 @@ def refine_end_to_end(config: DistillConfig, model, pad_id: int, init: CapreseAd
         final_hidden.remove()
         unpatch_model(model)
     details = {**init.manifest.training.details, "e2e_loss": fc.e2e_loss, "e2e_epochs": fc.e2e_epochs,
-               "e2e_lr": fc.e2e_lr}
+               "e2e_lr": fc.e2e_lr, "e2e_kl_top": fc.e2e_kl_top}
     training = init.manifest.training.model_copy(update={"details": details})
     return CapreseAdapter(manifest=init.manifest.model_copy(update={"training": training}),
                           lowrank_a=lowrank_a, lowrank_b=lowrank_b)

@@ -34,6 +34,19 @@ def _patch(model, variant: str, method: MethodSpec, adapter: CapreseAdapter) -> 
         patch_model(model, adapter=adapter)
 
 
+def _agreement_and_kl(model, dense_hidden: torch.Tensor, hidden: torch.Tensor, chunk: int = 512) -> tuple[float, float]:
+    """Summed top-1 agreement and KL(dense || variant) over positions, `chunk` positions at a time: a
+    262K-token vocabulary makes [positions, vocab] float32 tensors of gigabytes (Gemma-3 ran out of
+    memory here with whole batches)."""
+    agree = kl = 0.0
+    for start in range(0, hidden.shape[0], chunk):
+        log_p = torch.log_softmax(lm_logits(model, dense_hidden[start:start + chunk]), -1)
+        log_q = torch.log_softmax(lm_logits(model, hidden[start:start + chunk]), -1)
+        agree += float((log_q.argmax(-1) == log_p.argmax(-1)).sum())
+        kl += float((log_p.exp() * (log_p - log_q)).sum())
+    return agree, kl
+
+
 def teacher_forced(model, samples: list[Sample], method: MethodSpec, adapter: CapreseAdapter, pad_id: int,
                    batch_tokens: int, desc: str) -> dict[str, dict[str, float]]:
     """{variant: {agreement, kl}} for sparse and caprese (dense is 1.0 / 0.0 by definition)."""
@@ -48,8 +61,8 @@ def teacher_forced(model, samples: list[Sample], method: MethodSpec, adapter: Ca
                 kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                               logits_to_keep=1)
                 model(**kwargs)
-                log_p = torch.log_softmax(lm_logits(model, final_hidden.value[batch.target_mask]), -1)
-                count += log_p.shape[0]
+                dense_hidden = final_hidden.value[batch.target_mask]
+                count += dense_hidden.shape[0]
                 for variant in sums:
                     _patch(model, variant, method, adapter)
                     try:
@@ -57,9 +70,9 @@ def teacher_forced(model, samples: list[Sample], method: MethodSpec, adapter: Ca
                             model(**kwargs)
                     finally:
                         unpatch_model(model)
-                    log_q = torch.log_softmax(lm_logits(model, final_hidden.value[batch.target_mask]), -1)
-                    sums[variant]["agree"] += float((log_q.argmax(-1) == log_p.argmax(-1)).sum())
-                    sums[variant]["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
+                    agree, kl = _agreement_and_kl(model, dense_hidden, final_hidden.value[batch.target_mask])
+                    sums[variant]["agree"] += agree
+                    sums[variant]["kl"] += kl
     finally:
         final_hidden.remove()
     out = {"dense": {"agreement": 1.0, "kl": 0.0}}

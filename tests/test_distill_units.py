@@ -149,3 +149,39 @@ def test_resume_requires_the_same_settings(tmp_path):
     pin_config(config.model_copy(update={"device": "cuda"}))  # where it runs may change
     with pytest.raises(ConfigError, match=r"different settings \(density\)"):
         pin_config(config.model_copy(update={"density": 0.3}))
+
+
+def test_kl_over_the_dense_top_tokens(hf_models):
+    """e2e_kl_top: the whole vocabulary gives the exact KL; a top-k union is the KL of both sides renormalised
+    on those tokens (so it is >= 0 and 0 for identical inputs), and gradients reach the hidden states."""
+    from distill.e2e import kl_to_dense, lm_logits
+
+    model, _ = hf_models["smollm2-135m"]
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(6, model.config.hidden_size, generator=g)
+    hidden = (target + 0.3 * torch.randn(6, model.config.hidden_size, generator=g)).requires_grad_(True)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    full = kl_to_dense(model, target, hidden)
+    torch.testing.assert_close(kl_to_dense(model, target, hidden, top=vocab_size), full, rtol=1e-4, atol=1e-6)
+    top = kl_to_dense(model, target, hidden, top=16)
+    vocab = lm_logits(model, target).topk(16, dim=-1).indices.unique()
+    log_p = torch.log_softmax(lm_logits(model, target)[:, vocab], -1)
+    log_q = torch.log_softmax(lm_logits(model, hidden)[:, vocab], -1)
+    torch.testing.assert_close(top, (log_p.exp() * (log_p - log_q)).sum(-1), rtol=1e-4, atol=1e-6)
+    assert (top >= -1e-6).all() and kl_to_dense(model, target, target, top=16).abs().max() < 1e-5
+    top.sum().backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+
+
+def test_resume_accepts_a_run_made_before_a_setting_existed(tmp_path):
+    """A setting added later (with the default the old run used) must not make old run directories unusable."""
+    import json
+
+    config = DistillConfig(model="smollm2-135m", run_dir=tmp_path)
+    pin_config(config)
+    written = json.loads((tmp_path / "config.json").read_text())
+    del written["fit"]["e2e_kl_top"]
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    pin_config(config)  # same settings: resumes
+    with pytest.raises(ConfigError, match="fit"):
+        pin_config(DistillConfig(model="smollm2-135m", run_dir=tmp_path, fit={"e2e_kl_top": 64}))
