@@ -45,15 +45,38 @@ def test_openai_client_chat_and_completion(server):
     assert "prefix caching disabled" in log
 
 
+def _break(kind: str, adapter: Path, tmp_path: Path) -> Path:
+    """A copy of a good adapter, broken one way (each way has its own unit test in test_adapter.py)."""
+    import shutil
+
+    if kind == "missing directory":
+        return tmp_path / "missing"
+    broken = Path(shutil.copytree(adapter, tmp_path / "broken"))
+    if kind == "truncated tensors":
+        path = broken / "adapter.safetensors"
+        path.write_bytes(path.read_bytes()[:1000])
+    elif kind == "edited manifest":
+        path = broken / "caprese.json"
+        path.write_text(path.read_text().replace('"density": 0.5', '"density": 0.25'))
+    return broken
+
+
 @pytest.mark.vllm
-def test_bad_adapter_is_refused_with_one_line(model_dirs, tmp_path):
+@pytest.mark.parametrize("kind, fragment", [
+    ("missing directory", "adapter directory does not exist"),
+    ("truncated tensors", "adapter.safetensors: not a readable safetensors file"),
+    ("edited manifest", "caprese.json: content does not match integrity.manifest_sha256"),
+])
+def test_bad_adapter_is_refused_with_one_line(model_dirs, smol_adapter, tmp_path, kind, fragment):
+    """Refused before any engine starts: exit 1, one `vllm: error:` line, no traceback."""
     vllm_bin = Path(sys.executable).parent / "vllm"
-    proc = subprocess.run([str(vllm_bin), "serve", str(model_dirs["gemma3-270m"]), "--caprese-adapter",
-                           str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(vllm_bin), "serve", str(model_dirs["smollm2-135m"]), "--caprese-adapter",
+                           str(_break(kind, smol_adapter, tmp_path))], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("vllm: error: ") and "adapter directory does not exist" in last
+    assert last.startswith("vllm: error: ") and fragment in last, last
     assert "Traceback" not in proc.stderr
+    assert "Starting vLLM server on" not in proc.stderr + proc.stdout, "refused after the server came up"
 
 
 @pytest.mark.vllm
