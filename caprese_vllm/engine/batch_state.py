@@ -133,17 +133,16 @@ class CapreseBatchState:
                                device=self.device)
             self.keep_mask[:, slots] = rows.scatter_(2, idx, 1)
 
+    def _staged(self, values: torch.Tensor) -> torch.Tensor:
+        """Host values ready for a non-blocking copy: a pageable copy to the GPU would wait for it to drain."""
+        return values.pin_memory() if self.device.type == "cuda" else values
+
     def _device_index(self, values: np.ndarray) -> torch.Tensor:
-        index = torch.from_numpy(values)
-        if self.device.type == "cuda":  # a pageable copy would wait for the GPU to drain
-            return index.pin_memory().to(self.device, non_blocking=True)
-        return index.to(self.device)
+        return self._staged(torch.from_numpy(values)).to(self.device, non_blocking=True)
 
     def _write(self, buffer: torch.Tensor, values: torch.Tensor, fill) -> None:
         n = values.numel()
         if n > buffer.numel():
             raise RuntimeError(f"caprese: step has {n} tokens, buffers hold {buffer.numel()}")
-        if buffer.is_cuda:
-            values = values.pin_memory()
-        buffer[:n].copy_(values, non_blocking=True)
+        buffer[:n].copy_(self._staged(values), non_blocking=True)
         buffer[n:].fill_(fill)
