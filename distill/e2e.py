@@ -56,11 +56,10 @@ def lm_logits(model: torch.nn.Module, hidden: torch.Tensor, vocab: torch.Tensor 
     return logits
 
 
-def kl_to_dense(model, dense_hidden: torch.Tensor, hidden: torch.Tensor, chunk: int = 1024,
-                top: int = 0) -> torch.Tensor:
-    """Per-token KL(dense || model) [N], logits built `chunk` rows at a time (vocabularies are large);
-    top > 0: over the union of the dense top-`top` token ids of the chunk's positions."""
-    out = []
+def chunked_log_probs(model, dense_hidden: torch.Tensor, hidden: torch.Tensor, chunk: int = 1024, top: int = 0):
+    """Yield (log_p dense, log_q model) next-token log-probabilities, `chunk` positions at a time
+    (a [positions, vocab] float32 tensor of a 262K vocabulary is gigabytes); top > 0: over the union of
+    the dense top-`top` token ids of the chunk's positions, both sides renormalised there."""
     for start in range(0, hidden.shape[0], chunk):
         vocab = None
         with torch.no_grad():
@@ -69,9 +68,14 @@ def kl_to_dense(model, dense_hidden: torch.Tensor, hidden: torch.Tensor, chunk: 
                 vocab = dense_logits.topk(min(top, dense_logits.shape[-1]), dim=-1).indices.unique()
                 dense_logits = dense_logits[:, vocab]
             log_p = F.log_softmax(dense_logits, dim=-1)
-        log_q = F.log_softmax(lm_logits(model, hidden[start:start + chunk], vocab), dim=-1)
-        out.append((log_p.exp() * (log_p - log_q)).sum(-1))
-    return torch.cat(out)
+        yield log_p, F.log_softmax(lm_logits(model, hidden[start:start + chunk], vocab), dim=-1)
+
+
+def kl_to_dense(model, dense_hidden: torch.Tensor, hidden: torch.Tensor, chunk: int = 1024,
+                top: int = 0) -> torch.Tensor:
+    """Per-token KL(dense || model) [N] (see chunked_log_probs)."""
+    return torch.cat([(log_p.exp() * (log_p - log_q)).sum(-1)
+                      for log_p, log_q in chunked_log_probs(model, dense_hidden, hidden, chunk, top)])
 
 
 def _loss(kind: str, model, target: torch.Tensor, hidden: torch.Tensor, kl_top: int = 0) -> torch.Tensor:

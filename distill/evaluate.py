@@ -21,7 +21,7 @@ from caprese_vllm.adapter import CapreseAdapter
 from caprese_vllm.methods import MethodSpec
 from caprese_vllm.reference import patch_model, teacher_forcing, unpatch_model
 from distill.data import Sample, collate, length_batches
-from distill.e2e import FinalHidden, lm_logits
+from distill.e2e import FinalHidden, chunked_log_probs
 from distill.problems import extract_answer
 
 VARIANTS = ("dense", "sparse", "caprese")
@@ -34,14 +34,11 @@ def _patch(model, variant: str, method: MethodSpec, adapter: CapreseAdapter) -> 
         patch_model(model, adapter=adapter)
 
 
-def _agreement_and_kl(model, dense_hidden: torch.Tensor, hidden: torch.Tensor, chunk: int = 512) -> tuple[float, float]:
-    """Summed top-1 agreement and KL(dense || variant) over positions, `chunk` positions at a time: a
-    262K-token vocabulary makes [positions, vocab] float32 tensors of gigabytes (Gemma-3 ran out of
-    memory here with whole batches)."""
+def _agreement_and_kl(model, dense_hidden: torch.Tensor, hidden: torch.Tensor) -> tuple[float, float]:
+    """Summed top-1 agreement and KL(dense || variant) over positions, 512 at a time (Gemma-3 ran out
+    of memory here with whole batches of positions)."""
     agree = kl = 0.0
-    for start in range(0, hidden.shape[0], chunk):
-        log_p = torch.log_softmax(lm_logits(model, dense_hidden[start:start + chunk]), -1)
-        log_q = torch.log_softmax(lm_logits(model, hidden[start:start + chunk]), -1)
+    for log_p, log_q in chunked_log_probs(model, dense_hidden, hidden, chunk=512):
         agree += float((log_q.argmax(-1) == log_p.argmax(-1)).sum())
         kl += float((log_p.exp() * (log_p - log_q)).sum())
     return agree, kl

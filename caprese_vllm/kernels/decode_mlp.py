@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from caprese_vllm.kernels.act_mul_mask import act_mul_mask, act_mul_mask_reference
-from caprese_vllm.kernels.gather_down import gather_down, gather_down_reference, gather_workspace  # noqa: F401
+from caprese_vllm.kernels.gather_down import gather_down, gather_down_reference
 from caprese_vllm.kernels.gather_gate_up import gather_gate_up, gather_gate_up_reference
 from caprese_vllm.kernels.griffin_stats import griffin_stats_
 
