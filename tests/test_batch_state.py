@@ -115,3 +115,32 @@ def test_slots_of_requests_the_runner_dropped_are_freed_without_a_finished_notic
         h.live = set()  # every earlier request finished in a token-less step
         h.step([(req, 0, 4, 4, True)])
     assert h.state.slot_of.keys() == {"r5"}
+
+
+def test_steady_decode_steps_skip_the_update_and_every_change_takes_it_again():
+    h = Harness()
+    for req, seed in (("a", 1), ("b", 2), ("c", 3)):
+        h.acts(req, seed)
+    h.step([("a", 0, 6, 6, True), ("b", 0, 9, 9, True)])
+    h.step([("a", 6, 1, 6, False), ("b", 9, 1, 9, False)])            # selects: a full update
+    writes = []
+    h.state._update = lambda info, update=h.state._update: (writes.append(info.req_ids), update(info))[1]
+    out, _ = h.step([("a", 7, 1, 6, False), ("b", 10, 1, 9, False)])   # steady: nothing to write
+    assert writes == []
+    assert torch.equal(h.kept(out[0]), h.expected_idx("a", 6)) and torch.equal(h.kept(out[1]), h.expected_idx("b", 9))
+    out, _ = h.step([("b", 11, 1, 9, False), ("a", 8, 1, 6, False)])   # another order: the slots move
+    assert torch.equal(h.kept(out[0]), h.expected_idx("b", 9)) and torch.equal(h.kept(out[1]), h.expected_idx("a", 6))
+    out, z = h.step([("b", 12, 1, 9, False), ("c", 0, 4, 4, True)], finished={"a"})  # a prompt joins
+    assert torch.equal(out[1:], z[1:]), "prompt tokens run dense"
+    out, _ = h.step([("b", 13, 1, 9, False), ("c", 4, 1, 4, False)])
+    h.step([("b", 14, 1, 9, False), ("c", 5, 1, 4, False)])
+    assert writes == [["b", "a"], ["b", "c"], ["b", "c"]]
+    assert torch.equal(h.kept(out[0]), h.expected_idx("b", 9)) and torch.equal(h.kept(out[1]), h.expected_idx("c", 4))
+    assert not bool(h.state.token_stat.any()) and not bool(h.state.token_dense[:2].any())
+
+
+def test_griffin_select_is_topk_and_breaks_ties_toward_the_lowest_index():
+    stat = torch.rand(3, 4, 1000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(griffin_select(stat, 500), torch.topk(stat, 500, dim=-1).indices.sort(dim=-1).values)
+    tied = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 3.0], [0.0] * 6])
+    assert griffin_select(tied, 3).tolist() == [[1, 2, 5], [0, 1, 2]]

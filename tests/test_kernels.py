@@ -27,7 +27,7 @@ else:
 
 from caprese_vllm.kernels.act_mul_mask import act_mul_mask, act_mul_mask_reference  # noqa: E402
 from caprese_vllm.kernels.decode_mlp import (  # noqa: E402
-    caprese_ff, fuse_weights, gather_route_reference, masked_route_reference,
+    FUSED_STATS_MAX_TOKENS, caprese_ff, fuse_weights, gather_route_reference, masked_route_reference,
 )
 from caprese_vllm.kernels.gather_down import gather_down, gather_down_reference, gather_workspace  # noqa: E402
 from caprese_vllm.kernels.gather_gate_up import gather_gate_up, gather_gate_up_reference  # noqa: E402
@@ -112,11 +112,26 @@ def test_gather_down_refuses_a_small_workspace():
 def test_act_mul_mask_matches_reference(hidden, inter, rank, act):
     c = _case(hidden, inter, rank, 9, dense_tokens=(0, 4))
     h = torch.randn(9, 2 * inter + rank, device=DEVICE).to(torch.bfloat16)
-    args = (h, inter, c["keep"], c["slot"], c["dense"], act)
+    args = (h, inter, rank, c["keep"], c["slot"], c["dense"], act)
     z, sumsq_parts = act_mul_mask(*args)
     torch.testing.assert_close(z.float(), act_mul_mask_reference(*args), rtol=2e-2, atol=2e-2)
     # The parts add up to each token's squared norm over the neuron columns of z as stored.
     torch.testing.assert_close(sumsq_parts.sum(1), z[:, :inter].float().square().sum(1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hidden, inter, rank, act", SHAPES)
+def test_act_mul_mask_adds_the_statistic_of_prompt_tokens_in_small_steps(hidden, inter, rank, act):
+    c = _case(hidden, inter, rank, 5, dense_tokens=(0, 1, 3))
+    c["slot"] = torch.tensor([2, 2, 0, 4, 0], device=DEVICE)
+    token_stat = torch.tensor([True, True, False, False, False], device=DEVICE)  # token 3: dense, recomputed
+    h = torch.randn(5, 2 * inter + rank + 16, device=DEVICE).to(torch.bfloat16)  # 16 rows of padding
+    args = (h, inter, rank, c["keep"], c["slot"], c["dense"], act)
+    got, want = torch.ones(SLOTS, inter, device=DEVICE), torch.ones(SLOTS, inter, device=DEVICE)
+    z, parts = act_mul_mask(*args, stats=(token_stat, got))
+    assert parts is None
+    torch.testing.assert_close(z.float(), act_mul_mask_reference(*args), rtol=2e-2, atol=2e-2)
+    griffin_stats_reference_(z, inter, c["slot"], token_stat, want)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("runs", [
@@ -137,17 +152,18 @@ def test_griffin_stats_match_the_reference_accumulation(runs):
 
 
 @pytest.mark.parametrize("hidden, inter, rank, act", SHAPES[:2])
-def test_both_routes_equal_the_masked_dense_formulation(hidden, inter, rank, act):
+@pytest.mark.parametrize("num_tokens", [6, FUSED_STATS_MAX_TOKENS + 6])  # statistic fused / its own kernel
+def test_both_routes_equal_the_masked_dense_formulation(hidden, inter, rank, act, num_tokens):
     """Gather route == masked route == dense FF with unselected neurons zeroed + x A B."""
-    c = _case(hidden, inter, rank, 6, dtype=torch.float32, dense_tokens=(2,))
+    c = _case(hidden, inter, rank, num_tokens, dtype=torch.float32, dense_tokens=(2, num_tokens - 1))
     acts = {"silu": torch.nn.functional.silu,
             "gelu_tanh": lambda g: torch.nn.functional.gelu(g, approximate="tanh")}
     h = c["x"] @ c["gate_up"].t()
     z = acts[act](h[:, :inter]) * h[:, inter:]
     keep = c["keep"][c["slot"]].bool() | c["dense"][:, None]
     want = (z * keep) @ c["down"].t() + ((c["x"] @ c["a"]) @ c["b"]) * (~c["dense"])[:, None]
-    acc, tickets = gather_workspace(6, hidden, torch.device(DEVICE))
-    for gather_max in (0, 6):  # masked route, gather route
+    acc, tickets = gather_workspace(num_tokens, hidden, torch.device(DEVICE))
+    for gather_max in (0, num_tokens)[:2 if num_tokens <= 8 else 1]:  # masked route, gather route
         stat = torch.zeros(SLOTS, inter, device=DEVICE)
         got = caprese_ff(c["x"], c["gate_up_ext"], c["down_t_ext"], inter, c["idx"], c["keep"], c["slot"],
                          c["dense"], c["dense"], stat, acc, tickets, act, gather_max)

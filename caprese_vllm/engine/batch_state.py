@@ -7,6 +7,9 @@ tokens and warm-up runs point at. Before each step (see step_info.py) the host:
      or recompute after preemption), so a reused slot never leaks another request's state;
   3. takes the top-k for slots whose prompt is complete and which decode in this step;
   4. writes per-token slot / prompt / dense flags into fixed device buffers the layers read.
+A steady decode step (the same requests as the step before, one decode token each, as that step)
+finds the buffers already right and costs a list comparison: no host work, no copies, no kernels
+(at batch 32 the full update was ~1-2% of a decode step of an 8B model).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 import torch
 
 from caprese_vllm.engine.step_info import StepInfo
-from caprese_vllm.methods import griffin_select
+from caprese_vllm.methods.griffin import griffin_indices, griffin_keep
 
 
 class GriffinLayerState:
@@ -60,6 +63,8 @@ class CapreseBatchState:
         self.token_dense = torch.ones(max_tokens, dtype=torch.bool, device=device)
         self.token_sparse_scale = torch.zeros(max_tokens, 1, dtype=torch.float32, device=device)
         self._gather_workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Requests of the last step when it was a steady decode step (its buffers stay valid), else None.
+        self._steady_req_ids: list[str] | None = None
 
     def add_griffin_layer(self, intermediate_size: int, k: int) -> GriffinLayerState:
         if len(self.griffin_layers) == self.stat_sq.shape[0] or (intermediate_size, k) != (self.stat_sq.shape[2],
@@ -86,6 +91,16 @@ class CapreseBatchState:
         return self._gather_workspace
 
     def on_step(self, info: StepInfo) -> None:
+        steady = bool((info.num_scheduled == 1).all() and not info.in_prefill.any()
+                      and (info.chunk_start >= info.prompt_len).all())
+        if steady and info.req_ids == self._steady_req_ids:
+            return
+        self._steady_req_ids = None
+        self._update(info)
+        # Every request of a steady step is selected by now: the same requests again need nothing.
+        self._steady_req_ids = list(info.req_ids) if steady else None
+
+    def _update(self, info: StepInfo) -> None:
         for req_id in [r for r in self.slot_of if r not in info.live_req_ids]:
             self.free_slots.append(self.slot_of.pop(req_id))
         slots = np.empty(len(info.req_ids), dtype=np.int64)
@@ -126,12 +141,10 @@ class CapreseBatchState:
 
     def _select(self, slots: torch.Tensor) -> None:
         """Top-k of every compressed layer for these slots: one call over [L, n, I]."""
-        idx = griffin_select(self.stat_sq[:, slots], self.griffin_k)               # [L, n, k]
-        self.neuron_idx[:, slots] = idx
+        keep = griffin_keep(self.stat_sq[:, slots], self.griffin_k)                 # [L, n, I] bool
+        self.neuron_idx[:, slots] = griffin_indices(keep, self.griffin_k)            # [L, n, k]
         if self.keep_mask is not None:
-            rows = torch.zeros((idx.shape[0], idx.shape[1], self.keep_mask.shape[2]), dtype=torch.uint8,
-                               device=self.device)
-            self.keep_mask[:, slots] = rows.scatter_(2, idx, 1)
+            self.keep_mask[:, slots] = keep.to(torch.uint8)
 
     def _staged(self, values: torch.Tensor) -> torch.Tensor:
         """Host values ready for a non-blocking copy: a pageable copy to the GPU would wait for it to drain."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +35,7 @@ class StepInfo:
     in_prefill: np.ndarray       # [R] bool: the request is (re)computing known tokens, not decoding
     # Requests the runner still holds: any other request's state can be freed. (Finished ids in the
     # scheduler output are not enough: a step that schedules no tokens never reaches this hook.)
-    live_req_ids: set[str]
+    live_req_ids: Collection[str]   # the runner's own mapping, not copied: only `in` is asked
 
 
 StepListener = Callable[[StepInfo], None]
@@ -64,7 +64,7 @@ def _v1_prepare_inputs(original):
                 prompt_len=batch.num_prompt_tokens[:n].astype(np.int64),
                 # Decoding computes exactly the last known token; anything before it is (re)prefill.
                 in_prefill=computed < known - 1,
-                live_req_ids=set(self.requests),
+                live_req_ids=self.requests.keys(),
             ))
         return original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
 
@@ -87,7 +87,7 @@ def _v2_prepare_inputs(original):
                 chunk_start=chunk_start,
                 prompt_len=self.req_states.prompt_len.np[idx].astype(np.int64),
                 in_prefill=in_prefill,
-                live_req_ids=set(self.req_states.req_id_to_index),
+                live_req_ids=self.req_states.req_id_to_index.keys(),
             ))
         return input_batch
 

@@ -41,6 +41,28 @@ def griffin_accumulate(stat_sq: torch.Tensor, z: torch.Tensor, token_mask: torch
     return stat_sq
 
 
+def griffin_keep(stat_sq: torch.Tensor, k: int) -> torch.Tensor:
+    """keep [..., I] bool: the k neurons with the largest statistic; of neurons tied at the k-th
+    largest value, the lowest indices (torch.topk leaves ties unspecified).
+
+    Built from the k-th largest value and elementwise ops instead of topk(k = I / 2), which is slow
+    for such a k (selecting 32 requests x 32 layers of 14336 neurons: 2.3 ms with topk on an H100)."""
+    kth = torch.kthvalue(stat_sq, stat_sq.shape[-1] - k + 1, dim=-1, keepdim=True).values
+    above = stat_sq > kth
+    tied = stat_sq == kth
+    room = k - above.sum(dim=-1, keepdim=True)  # places left for neurons tied at the k-th value
+    return above | (tied & (tied.cumsum(dim=-1) <= room))
+
+
+def griffin_indices(keep: torch.Tensor, k: int) -> torch.Tensor:
+    """neuron_idx [..., k] int64, ascending, of a keep mask with k neurons per row: each kept neuron's
+    place is the count of kept neurons before it (a scatter, no host sync, capturable)."""
+    place = torch.where(keep, keep.cumsum(dim=-1) - 1, k)  # place k collects the neurons not kept
+    idx = torch.empty(*keep.shape[:-1], k + 1, dtype=torch.int64, device=keep.device)
+    neurons = torch.arange(keep.shape[-1], device=keep.device).expand(keep.shape)
+    return idx.scatter_(-1, place, neurons)[..., :k]
+
+
 def griffin_select(stat_sq: torch.Tensor, k: int) -> torch.Tensor:
-    """neuron_idx [B, k] int64: the k neurons with the largest statistic, ascending."""
-    return torch.topk(stat_sq, k, dim=-1).indices.sort(dim=-1).values
+    """neuron_idx [..., k] int64: the k neurons with the largest statistic, ascending (ties: griffin_keep)."""
+    return griffin_indices(griffin_keep(stat_sq, k), k)
