@@ -35,7 +35,7 @@ GENERATE = Path(__file__).resolve().parent.parent / "tests" / "vllm_generate.py"
 
 
 def run(model_dir: str, adapter: str, max_tokens: int, kernels: bool, alone: bool, out_dir: Path,
-        eager: bool = False, env_extra: dict | None = None, no_graphs: bool = False) -> list[list[int]]:
+        eager: bool = False, env_extra: dict | None = None, no_graphs: bool = False) -> list[dict]:
     tag = f"{'kernels' if kernels else 'portable'}-{'alone' if alone else 'batched'}{'-eager' if eager else ''}"
     tag += "-nographs" if no_graphs else ""
     tag += "".join(f"-{k}={v}" for k, v in (env_extra or {}).items())
@@ -43,7 +43,8 @@ def run(model_dir: str, adapter: str, max_tokens: int, kernels: bool, alone: boo
     config = {"caprese_adapter": adapter, "caprese_check_fingerprint": False,
               "caprese_kernels": "on" if kernels else "off"}
     cmd = [sys.executable, str(GENERATE), "--model", model_dir, "--prompts-json", json.dumps(PROMPTS),
-           "--max-tokens", str(max_tokens), "--ignore-eos", "--dtype", "float32", "--out", str(out), "--enforce-eager",
+           "--max-tokens", str(max_tokens), "--ignore-eos", "--dtype", "float32", "--out", str(out), "--logprobs", "2",
+           "--enforce-eager",
            "1" if eager else "0",
            "--additional-config", json.dumps(config)]
     if alone:
@@ -62,7 +63,7 @@ def run(model_dir: str, adapter: str, max_tokens: int, kernels: bool, alone: boo
         raise SystemExit(f"{tag}: the GPU kernels were not used (no 'caprese: GPU kernels on' in the log)")
     if not kernels and "caprese: GPU kernels on" in text:
         raise SystemExit(f"{tag}: caprese_kernels=off did not keep the portable path")
-    return [o["token_ids"] for o in json.loads(out.read_text())]
+    return json.loads(out.read_text())  # per prompt: token_ids, and each step's top-2 logprobs
 
 
 def main() -> None:
@@ -85,22 +86,27 @@ def main() -> None:
             got = run(args.model_dir, args.adapter, args.max_tokens, kernels=kernels, alone=False, out_dir=out_dir,
                       **kwargs)
             print(f"diagnose: {name} vs portable compiled+graphs: "
-                  + ", ".join("same" if a == b else f"differs@{next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), -1)}"
-                              for a, b in zip(portable, got)), flush=True)
-
-    def agree(a: list[int], b: list[int]) -> str:
-        if a == b:
-            return f"same ({len(a)} tokens)"
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        return f"DIFFERS at token {first}"
+                  + ", ".join(agree(a, b) for a, b in zip(portable, got)), flush=True)
 
     print("| prompt | kernels, batched (masked route) | kernels, alone (gather route) |")
     print("|---|---|---|")
     for i, prompt in enumerate(PROMPTS):
         print(f"| {prompt[:48]!r} | {agree(portable[i], batched[i])} | {agree(portable[i], alone[i])} |")
-    same = portable == batched == alone
+    same = [o["token_ids"] for o in portable] == [o["token_ids"] for o in batched] == [o["token_ids"] for o in alone]
     print(f"\ngreedy tokens of the GPU kernels equal the portable PyTorch path: {'YES' if same else 'NO'}")
     sys.exit(0 if same else 1)
+
+
+def agree(ref: dict, got: dict) -> str:
+    """'same (N tokens)', or where the tokens part and the reference's top-2 logprob margin there:
+    a margin of a few 1e-5 nats is a near-tie that float32 summation order decides either way."""
+    a, b = ref["token_ids"], got["token_ids"]
+    if a == b:
+        return f"same ({len(a)} tokens)"
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    top2 = ref["logprobs"][first] if first < len(ref["logprobs"]) else []
+    margin = f", reference top-2 margin {top2[0][1] - top2[1][1]:.2g} nats" if len(top2) > 1 else ""
+    return f"DIFFERS at token {first}{margin}"
 
 
 if __name__ == "__main__":

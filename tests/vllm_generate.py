@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--enforce-eager", type=int, default=1)
     parser.add_argument("--compilation-config", default=None, help="JSON for vLLM's compilation_config")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens tokens")
+    parser.add_argument("--logprobs", type=int, default=None, help="also write each step's top-N logprobs")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -45,9 +46,13 @@ def main() -> None:
               kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0, **extra)
     prompts = json.loads(args.prompts_json)
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
-                                                 ignore_eos=args.ignore_eos))
+                                                 ignore_eos=args.ignore_eos, logprobs=args.logprobs))
     result = [{"prompt": o.prompt, "token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text}
               for o in outputs]
+    if args.logprobs:
+        for row, o in zip(result, outputs):  # per step: [[token_id, logprob], ...], best first
+            row["logprobs"] = [sorted(([t, lp.logprob] for t, lp in step.items()), key=lambda x: -x[1])
+                               for step in o.outputs[0].logprobs]
     with open(args.out, "w") as f:
         json.dump(result, f)
 
