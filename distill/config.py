@@ -50,8 +50,8 @@ class FitConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    batch_size: int = Field(16, gt=0, description="sequences per generate() batch")
-    max_new_tokens: int | None = Field(None, description="default: data.max_new_tokens")
+    max_new_tokens: int | None = Field(None, description="default: data.max_new_tokens (then the dense answers "
+                                       "of the data step are reused)")
 
 
 class DistillConfig(_Strict):
@@ -129,14 +129,27 @@ def load_config(yaml_path: Path | None, overrides: dict) -> DistillConfig:
         raise _first_error(err, str(yaml_path) if yaml_path else "caprese-distill flags") from None
 
 
+def _known_fields(raw: dict, model: type[BaseModel]) -> dict:
+    out = {}
+    for key, value in raw.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            continue
+        sub = field.annotation
+        out[key] = _known_fields(value, sub) if isinstance(value, dict) and isinstance(sub, type) and issubclass(
+            sub, BaseModel) else value
+    return out
+
+
 def pin_config(config: DistillConfig) -> None:
     """Write RUN_DIR/config.json, or check that an existing one matches (resume)."""
     path = config.run_dir / "config.json"
     mine = json.loads(config.model_dump_json())
     if path.exists():
         theirs = json.loads(path.read_text())
-        try:  # settings added since that run was made count with their defaults (what that run used)
-            theirs = json.loads(DistillConfig.model_validate(theirs).model_dump_json())
+        try:  # settings added since that run was made count with their defaults (what that run used),
+            # settings removed since then are dropped (they no longer change anything)
+            theirs = json.loads(DistillConfig.model_validate(_known_fields(theirs, DistillConfig)).model_dump_json())
         except ValidationError:
             pass  # compared as written: the differing fields are named below
         differing = sorted(k for k in set(mine) | set(theirs)

@@ -16,6 +16,7 @@ Base weights stay frozen; A and B train in float32 whatever the model's dtype. T
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,34 +57,57 @@ def lm_logits(model: torch.nn.Module, hidden: torch.Tensor, vocab: torch.Tensor 
     return logits
 
 
-def chunked_log_probs(model, dense_hidden: torch.Tensor, hidden: torch.Tensor, chunk: int = 1024, top: int = 0):
+def chunked_log_probs(model, dense_hidden: torch.Tensor, hidden: torch.Tensor, chunk: int = 1024, top: int = 0,
+                      vocabs: list[torch.Tensor] | None = None):
     """Yield (log_p dense, log_q model) next-token log-probabilities, `chunk` positions at a time
     (a [positions, vocab] float32 tensor of a 262K vocabulary is gigabytes); top > 0: over the union of
-    the dense top-`top` token ids of the chunk's positions, both sides renormalised there."""
-    for start in range(0, hidden.shape[0], chunk):
+    the dense top-`top` token ids of the chunk's positions, both sides renormalised there.
+    vocabs (top > 0): each chunk's union, appended on the first pass over these positions and read on
+    later ones, which then never compute the whole vocabulary's logits again."""
+    for n, start in enumerate(range(0, hidden.shape[0], chunk)):
         vocab = None
         with torch.no_grad():
-            dense_logits = lm_logits(model, dense_hidden[start:start + chunk])
             if top:
-                vocab = dense_logits.topk(min(top, dense_logits.shape[-1]), dim=-1).indices.unique()
-                dense_logits = dense_logits[:, vocab]
-            log_p = F.log_softmax(dense_logits, dim=-1)
+                if vocabs is not None and n < len(vocabs):
+                    vocab = vocabs[n]
+                else:
+                    full = lm_logits(model, dense_hidden[start:start + chunk])
+                    vocab = full.topk(min(top, full.shape[-1]), dim=-1).indices.unique()
+                    del full
+                    if vocabs is not None:
+                        vocabs.append(vocab)
+            log_p = F.log_softmax(lm_logits(model, dense_hidden[start:start + chunk], vocab), dim=-1)
         yield log_p, F.log_softmax(lm_logits(model, hidden[start:start + chunk], vocab), dim=-1)
 
 
 def kl_to_dense(model, dense_hidden: torch.Tensor, hidden: torch.Tensor, chunk: int = 1024,
-                top: int = 0) -> torch.Tensor:
+                top: int = 0, vocabs: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Per-token KL(dense || model) [N] (see chunked_log_probs)."""
     return torch.cat([(log_p.exp() * (log_p - log_q)).sum(-1)
-                      for log_p, log_q in chunked_log_probs(model, dense_hidden, hidden, chunk, top)])
+                      for log_p, log_q in chunked_log_probs(model, dense_hidden, hidden, chunk, top, vocabs)])
 
 
-def _loss(kind: str, model, target: torch.Tensor, hidden: torch.Tensor, kl_top: int = 0) -> torch.Tensor:
+@dataclass
+class DenseTarget:
+    """What the dense model gives a batch, kept for later epochs: final hidden states of the completion
+    tokens and, for a top-k KL, each chunk's vocabulary."""
+
+    hidden: torch.Tensor                                   # [N, H]
+    vocabs: list[torch.Tensor] = field(default_factory=list)
+
+
+# Dense targets are kept across epochs while they fit in this much memory (a small model's few
+# hundred samples: ~150 MB); above it every epoch recomputes them. Same loss either way.
+TARGET_CACHE_BYTES = 2 << 30
+
+
+def _loss(kind: str, model, target: DenseTarget, hidden: torch.Tensor, kl_top: int = 0) -> torch.Tensor:
+    dense = target.hidden
     loss = hidden.new_zeros((), dtype=torch.float32)
     if "hidden_mse" in kind:
-        loss = loss + (hidden.float() - target.float()).square().mean() / target.float().square().mean()
+        loss = loss + (hidden.float() - dense.float()).square().mean() / dense.float().square().mean()
     if "kl" in kind:
-        loss = loss + kl_to_dense(model, target, hidden, top=kl_top).mean()
+        loss = loss + kl_to_dense(model, dense, hidden, top=kl_top, vocabs=target.vocabs).mean()
     return loss
 
 
@@ -110,6 +134,10 @@ def refine_end_to_end(config: DistillConfig, model, pad_id: int, init: CapreseAd
         mlp.lowrank_b.requires_grad_(True)
         params += [mlp.lowrank_a, mlp.lowrank_b]
     batches = list(length_batches(train, fc.e2e_batch_tokens))
+    hidden_size = model.config.get_text_config().hidden_size
+    completion_tokens = sum(len(s.completion_ids) for s in train)
+    keep_targets = fc.e2e_epochs > 1 and completion_tokens * hidden_size * 4 <= TARGET_CACHE_BYTES
+    targets: dict[int, DenseTarget] = {}  # batch index -> its dense target (keep_targets)
     total = fc.e2e_epochs * len(batches)
     warmup = max(1, int(fc.e2e_warmup * total))
     opt = torch.optim.Adam(params, lr=fc.e2e_lr)
@@ -129,9 +157,13 @@ def refine_end_to_end(config: DistillConfig, model, pad_id: int, init: CapreseAd
                 completion = batch.completion_mask
                 kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                               logits_to_keep=1)
-                with torch.no_grad(), teacher_forcing(model, batch.attention_mask.bool()):  # all dense
-                    model(**kwargs)
-                    target = final_hidden.value[completion]
+                target = targets.get(i)
+                if target is None:
+                    with torch.no_grad(), teacher_forcing(model, batch.attention_mask.bool()):  # all dense
+                        model(**kwargs)
+                        target = DenseTarget(final_hidden.value[completion])
+                    if keep_targets:
+                        targets[i] = target
                 with teacher_forcing(model, batch.prompt_mask):
                     model(**kwargs)
                     hidden = final_hidden.value[completion]

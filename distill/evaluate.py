@@ -3,7 +3,7 @@
 Teacher-forced (on the dense model's own greedy answers, at the positions that run compressed):
   agreement  fraction of positions whose argmax equals the dense model's argmax
   kl         mean KL(dense || variant) of the next-token distributions
-Free generation (greedy, each variant with the reference implementation, left-padded batches):
+Free generation (greedy, served by vLLM: dense, with a sparse-only adapter, with the adapter):
   accuracy   exact final-number answer (math)
   length     mean number of generated tokens
 Results per variant and split are saved as `eval/{variant}.json` when done (resume point).
@@ -18,10 +18,13 @@ import torch
 from tqdm import tqdm
 
 from caprese_vllm.adapter import CapreseAdapter
+from caprese_vllm.adapter.manifest import LowRankInfo, TrainingInfo
 from caprese_vllm.methods import MethodSpec
 from caprese_vllm.reference import patch_model, teacher_forcing, unpatch_model
+from distill.config import DistillConfig, DistillError
 from distill.data import Sample, collate, length_batches
 from distill.e2e import FinalHidden, chunked_log_probs
+from distill.generate import read_answers, run_worker
 from distill.problems import extract_answer
 
 VARIANTS = ("dense", "sparse", "caprese")
@@ -79,66 +82,70 @@ def teacher_forced(model, samples: list[Sample], method: MethodSpec, adapter: Ca
     return out
 
 
-def generate(model, tokenizer, samples: list[Sample], variant: str, method: MethodSpec, adapter: CapreseAdapter,
-             max_new_tokens: int, batch_size: int, desc: str) -> list[list[int]]:
-    """Greedy completions (token ids, without the end token) of every sample's prompt."""
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
-    completions: list[list[int]] = []
-    _patch(model, variant, method, adapter)
-    try:
-        for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch"):
-            group = samples[start:start + batch_size]
-            width = max(len(s.prompt_ids) for s in group)
-            ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-            mask = torch.zeros(len(group), width, dtype=torch.long)
-            for row, s in enumerate(group):  # left padding: every prompt ends at the same column
-                ids[row, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
-                mask[row, width - len(s.prompt_ids):] = 1
-            with torch.no_grad():
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                     max_new_tokens=max_new_tokens, pad_token_id=pad_id, top_p=None, top_k=None,
-                                     temperature=None)
-            for row in out[:, width:].tolist():
-                cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
-                completions.append(row[:cut])
-    finally:
-        unpatch_model(model)
-    return completions
+def _sparse_only(adapter: CapreseAdapter) -> CapreseAdapter:
+    """The adapter's method without its low-rank paths: the sparse model as the plugin serves it."""
+    training = TrainingInfo(data="no low-rank path: the sparse method alone (caprese-distill evaluation)")
+    manifest = adapter.manifest.model_copy(update={
+        "lowrank": LowRankInfo(ranks={}, dtype=adapter.manifest.lowrank.dtype), "training": training,
+        "integrity": None})
+    return CapreseAdapter(manifest=manifest, lowrank_a={}, lowrank_b={})
 
 
-def evaluate_variant(model, tokenizer, variant: str, heldout: dict[str, list[Sample]], method: MethodSpec,
-                     adapter: CapreseAdapter, max_new_tokens: int, batch_size: int) -> dict:
+def generate_with_vllm(config: DistillConfig, model_dir: Path, work_dir: Path, heldout: dict[str, list[Sample]],
+                       adapter_dir: Path | None, max_new_tokens: int, who: str) -> dict[str, list[dict]]:
+    """{split: answers in sample order} of the model served by vLLM with the adapter (greedy)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    jobs, outs = [], {}
+    for split, samples in heldout.items():
+        requests, outs[split] = work_dir / f"{split}.requests.jsonl", work_dir / f"{split}.answers.jsonl"
+        requests.write_text("".join(json.dumps({"id": s.id, "prompt_ids": s.prompt_ids}) + "\n" for s in samples))
+        jobs.append({"requests": str(requests.resolve()), "out": str(outs[split].resolve()), "temperature": 0.0})
+    served = f"{who} (adapter {adapter_dir})" if adapter_dir is not None else who
+    run_worker(config, model_dir, jobs, work_dir, max_new_tokens, "eval", served, adapter_dir)
     result = {}
     for split, samples in heldout.items():
-        if not samples:
-            continue
-        completions = generate(model, tokenizer, samples, variant, method, adapter, max_new_tokens, batch_size,
-                               f"eval: generate {variant} ({split})")
-        lengths = [len(c) for c in completions]
+        answers = read_answers(outs[split])
+        missing = [s.id for s in samples if s.id not in answers]
+        if missing:
+            raise DistillError(f"eval: {len(missing)} answers missing from {outs[split]} (first: {missing[0]}); "
+                               "rerun to resume")
+        result[split] = [answers[s.id] for s in samples]
+    return result
+
+
+def score(answers: dict[str, list[dict]], heldout: dict[str, list[Sample]], eos_ids: set[int]) -> dict:
+    """Mean length (tokens before the end token) and, for math, exact-answer accuracy."""
+    result = {}
+    for split, samples in heldout.items():
+        rows = answers[split]
+        lengths = [sum(1 for t in row["completion_ids"] if t not in eos_ids) for row in rows]
         entry = {"length": sum(lengths) / len(lengths), "num_prompts": len(samples)}
         if split == "math":
-            texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-            correct = [extract_answer(t) == s.answer for t, s in zip(texts, samples, strict=True)]
+            correct = [extract_answer(row["text"]) == s.answer for row, s in zip(rows, samples, strict=True)]
             entry["accuracy"] = sum(correct) / len(correct)
         result[split] = entry
     return result
 
 
-def run_evaluation(model, tokenizer, eval_dir: Path, heldout: dict[str, list[Sample]], method: MethodSpec,
-                   adapter: CapreseAdapter, max_new_tokens: int, batch_size: int, batch_tokens: int) -> dict:
-    """{'teacher_forced': {split: ...}, 'generation': {variant: {split: ...}}}, each part cached in eval_dir."""
+def run_evaluation(config: DistillConfig, model_dir: Path, model, eval_dir: Path, heldout: dict[str, list[Sample]],
+                   adapter_dir: Path, max_new_tokens: int, batch_tokens: int, pad_id: int,
+                   eos_ids: set[int]) -> dict:
+    """{'teacher_forced': {split: ...}, 'generation': {variant: {split: ...}}}, each part cached in eval_dir.
+
+    Free generation runs where the adapter is meant to run, in vLLM: the dense answers are the data
+    step's held-out answers (greedy, by the same engine) when their length limit is this one; the
+    sparse method and Caprese are served with the plugin (a sparse-only adapter, the adapter)."""
     eval_dir.mkdir(parents=True, exist_ok=True)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    heldout = {split: samples for split, samples in heldout.items() if samples}
+    adapter = CapreseAdapter.load(adapter_dir)
+    method = adapter.manifest.method
     tf_path = eval_dir / "teacher_forced.json"
     if tf_path.exists():
         tf = json.loads(tf_path.read_text())
     else:
         tf = {split: teacher_forced(model, samples, method, adapter, pad_id, batch_tokens,
                                     f"eval: teacher-forced ({split})")
-              for split, samples in heldout.items() if samples}
+              for split, samples in heldout.items()}
         _write(tf_path, tf)
     generation = {}
     for variant in VARIANTS:
@@ -146,8 +153,16 @@ def run_evaluation(model, tokenizer, eval_dir: Path, heldout: dict[str, list[Sam
         if path.exists():
             generation[variant] = json.loads(path.read_text())
             continue
-        generation[variant] = evaluate_variant(model, tokenizer, variant, heldout, method, adapter,
-                                               max_new_tokens, batch_size)
+        if variant == "dense" and max_new_tokens == config.data.max_new_tokens:
+            answers = {split: [s.model_dump(include={"completion_ids", "text"}) for s in samples]
+                       for split, samples in heldout.items()}
+        else:
+            served = {"dense": None, "sparse": eval_dir / "sparse" / "adapter", "caprese": adapter_dir}[variant]
+            if variant == "sparse" and not (served / "caprese.json").exists():
+                _sparse_only(adapter).save(served)
+            answers = generate_with_vllm(config, model_dir, eval_dir / variant, heldout, served, max_new_tokens,
+                                         variant)
+        generation[variant] = score(answers, heldout, eos_ids)
         _write(path, generation[variant])
     return {"teacher_forced": tf, "generation": generation}
 

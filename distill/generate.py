@@ -58,10 +58,11 @@ def generate_data(config: DistillConfig, model_dir: Path) -> dict[str, int]:
         pending.append((split, samples, requests, data_dir / f"{split.name}.answers.jsonl"))
     if not pending:
         return counts
-    _run_worker(config, model_dir, [{"requests": str(r.resolve()), "out": str(a.resolve()),
-                                     "temperature": split.temperature} for split, _, r, a in pending])
+    run_worker(config, model_dir, [{"requests": str(r.resolve()), "out": str(a.resolve()),
+                                    "temperature": split.temperature} for split, _, r, a in pending],
+               data_dir, config.data.max_new_tokens, step="data", who="the dense model")
     for split, samples, _, answers_path in pending:
-        answers = _read_answers(answers_path)
+        answers = read_answers(answers_path)
         missing = [s.id for s in samples if s.id not in answers]
         if missing:
             raise DistillError(f"data: {len(missing)} answers missing from {answers_path} (first: {missing[0]}); "
@@ -76,23 +77,28 @@ def generate_data(config: DistillConfig, model_dir: Path) -> dict[str, int]:
     return counts
 
 
-def _run_worker(config: DistillConfig, model_dir: Path, jobs: list[dict]) -> None:
-    data_dir = config.run_dir / "data"
-    jobs_path, log_path = data_dir / "jobs.json", data_dir / "vllm.log"
+def run_worker(config: DistillConfig, model_dir: Path, jobs: list[dict], work_dir: Path, max_new_tokens: int,
+               step: str, who: str, adapter: Path | None = None) -> None:
+    """Answer `jobs` (requests files -> answers files) in a vLLM worker process; its log goes to
+    work_dir/vllm.log. With `adapter`, the model is served with that Caprese adapter."""
+    jobs_path, log_path = work_dir / "jobs.json", work_dir / "vllm.log"
     jobs_path.write_text(json.dumps(jobs, indent=2))
     cmd = [sys.executable, "-m", "distill.vllm_worker", "--model", str(model_dir.resolve()),
-           "--jobs", str(jobs_path.resolve()), "--max-new-tokens", str(config.data.max_new_tokens),
+           "--jobs", str(jobs_path.resolve()), "--max-new-tokens", str(max_new_tokens),
            "--dtype", config.data.gen_dtype, "--chunk", str(config.data.gen_chunk), "--seed", str(config.seed)]
-    print(f"data: the dense model answers {len(jobs)} prompt sets with vLLM (engine log: {log_path})", flush=True)
+    if adapter is not None:
+        cmd += ["--adapter", str(adapter.resolve())]
+    print(f"{step}: {who} answers {len(jobs)} prompt sets with vLLM (engine log: {log_path})", flush=True)
     with open(log_path, "a") as log:
         # tqdm draws on stderr and stays on the terminal; vLLM's log (stdout) goes to the file
         proc = subprocess.run(cmd, stdout=log)
     if proc.returncode != 0:
-        raise DistillError(f"data: vLLM generation failed (exit {proc.returncode}); see {log_path}; rerun the "
+        raise DistillError(f"{step}: vLLM generation failed (exit {proc.returncode}); see {log_path}; rerun the "
                            "same command to resume")
 
 
-def _read_answers(path: Path) -> dict[str, dict]:
+def read_answers(path: Path) -> dict[str, dict]:
+    """The worker's answers by sample id (a torn last line of an interrupted run is skipped)."""
     got = {}
     for line in path.read_text().splitlines() if path.exists() else []:
         try:

