@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:  `make serve`  and  `make test`.
-# `make serve` serves MODEL with its default Caprese adapter, distilled on first use (CPU, ~20 min).
+# `make serve` serves MODEL with its default Caprese adapter, distilled on first use (CPU, ~17 min).
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin

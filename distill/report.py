@@ -46,11 +46,11 @@ def build_report(meta: dict, evaluation: dict, fit: dict) -> dict:
     return {**meta, "results": rows, "gap_recovered": headline, "fit": fit}
 
 
-def _fmt(value) -> str:
+def _fmt(value, column: str = "") -> str:
     if value is None:
         return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+    if isinstance(value, float):  # lengths are token counts: one decimal
+        return f"{value:.1f}" if column.endswith("_length") or abs(value) >= 100 else f"{value:.4f}"
     return str(value)
 
 
@@ -77,7 +77,7 @@ def render_markdown(report: dict) -> str:
     ]
     names = {"dense": "dense", "sparse": report["method"], "caprese": f"{report['method']} + Caprese"}
     for variant in VARIANTS:
-        lines.append(f"| {names[variant]} | " + " | ".join(_fmt(rows[variant].get(c)) for c in columns) + " |")
+        lines.append(f"| {names[variant]} | " + " | ".join(_fmt(rows[variant].get(c), c) for c in columns) + " |")
     lines += ["", "**Gap recovered by Caprese** (fraction of the dense-vs-sparse gap closed; for KL: the "
               "fraction of the sparse model's KL removed):", ""]
     for metric, value in report["gap_recovered"].items():

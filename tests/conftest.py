@@ -25,7 +25,7 @@ def model_dirs() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def distilled_smol(model_dirs) -> Path:
     """The run directory of SmolLM2's default adapter (`caprese-distill run --preset smollm2-135m`, the one
-    `make serve` serves); distilled on first use (~20 min on 2 CPU cores), then reused from the cache."""
+    `make serve` serves); distilled on first use (~17 min on 2 CPU cores), then reused from the cache."""
     from distill.presets import default_run_dir
 
     run_dir = default_run_dir("smollm2-135m")
