@@ -21,10 +21,10 @@ from caprese_vllm.adapter import CapreseAdapter
 from caprese_vllm.adapter.manifest import LowRankInfo, TrainingInfo
 from caprese_vllm.methods import MethodSpec
 from caprese_vllm.reference import patch_model, teacher_forcing, unpatch_model
-from distill.config import DistillConfig, DistillError
+from distill.config import DistillConfig
 from distill.data import Sample, collate, length_batches
 from distill.e2e import FinalHidden, chunked_log_probs
-from distill.generate import read_answers, run_worker
+from distill.generate import answer_with_vllm
 from distill.problems import extract_answer
 
 VARIANTS = ("dense", "sparse", "caprese")
@@ -91,28 +91,6 @@ def _sparse_only(adapter: CapreseAdapter) -> CapreseAdapter:
     return CapreseAdapter(manifest=manifest, lowrank_a={}, lowrank_b={})
 
 
-def generate_with_vllm(config: DistillConfig, model_dir: Path, work_dir: Path, heldout: dict[str, list[Sample]],
-                       adapter_dir: Path | None, max_new_tokens: int, who: str) -> dict[str, list[dict]]:
-    """{split: answers in sample order} of the model served by vLLM with the adapter (greedy)."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    jobs, outs = [], {}
-    for split, samples in heldout.items():
-        requests, outs[split] = work_dir / f"{split}.requests.jsonl", work_dir / f"{split}.answers.jsonl"
-        requests.write_text("".join(json.dumps({"id": s.id, "prompt_ids": s.prompt_ids}) + "\n" for s in samples))
-        jobs.append({"requests": str(requests.resolve()), "out": str(outs[split].resolve()), "temperature": 0.0})
-    served = f"{who} (adapter {adapter_dir})" if adapter_dir is not None else who
-    run_worker(config, model_dir, jobs, work_dir, max_new_tokens, "eval", served, adapter_dir)
-    result = {}
-    for split, samples in heldout.items():
-        answers = read_answers(outs[split])
-        missing = [s.id for s in samples if s.id not in answers]
-        if missing:
-            raise DistillError(f"eval: {len(missing)} answers missing from {outs[split]} (first: {missing[0]}); "
-                               "rerun to resume")
-        result[split] = [answers[s.id] for s in samples]
-    return result
-
-
 def score(answers: dict[str, list[dict]], heldout: dict[str, list[Sample]], eos_ids: set[int]) -> dict:
     """Mean length (tokens before the end token) and, for math, exact-answer accuracy."""
     result = {}
@@ -128,7 +106,7 @@ def score(answers: dict[str, list[dict]], heldout: dict[str, list[Sample]], eos_
 
 
 def run_evaluation(config: DistillConfig, model_dir: Path, model, eval_dir: Path, heldout: dict[str, list[Sample]],
-                   adapter_dir: Path, max_new_tokens: int, batch_tokens: int, pad_id: int,
+                   adapter: CapreseAdapter, adapter_dir: Path, max_new_tokens: int, batch_tokens: int, pad_id: int,
                    eos_ids: set[int]) -> dict:
     """{'teacher_forced': {split: ...}, 'generation': {variant: {split: ...}}}, each part cached in eval_dir.
 
@@ -137,7 +115,6 @@ def run_evaluation(config: DistillConfig, model_dir: Path, model, eval_dir: Path
     sparse method and Caprese are served with the plugin (a sparse-only adapter, the adapter)."""
     eval_dir.mkdir(parents=True, exist_ok=True)
     heldout = {split: samples for split, samples in heldout.items() if samples}
-    adapter = CapreseAdapter.load(adapter_dir)
     method = adapter.manifest.method
     tf_path = eval_dir / "teacher_forced.json"
     if tf_path.exists():
@@ -160,8 +137,10 @@ def run_evaluation(config: DistillConfig, model_dir: Path, model, eval_dir: Path
             served = {"dense": None, "sparse": eval_dir / "sparse" / "adapter", "caprese": adapter_dir}[variant]
             if variant == "sparse" and not (served / "caprese.json").exists():
                 _sparse_only(adapter).save(served)
-            answers = generate_with_vllm(config, model_dir, eval_dir / variant, heldout, served, max_new_tokens,
-                                         variant)
+            who = variant if served is None else f"{variant} (adapter {served})"
+            answers = answer_with_vllm(config, model_dir, eval_dir / variant,
+                                       {split: (samples, 0.0) for split, samples in heldout.items()},
+                                       max_new_tokens, "eval", who, served)
         generation[variant] = score(answers, heldout, eos_ids)
         _write(path, generation[variant])
     return {"teacher_forced": tf, "generation": generation}

@@ -53,22 +53,15 @@ def generate_data(config: DistillConfig, model_dir: Path) -> dict[str, int]:
             continue
         samples = [Sample(id=f"{split.name}-{i}", kind=p.kind, topic=p.topic, question=p.question, answer=p.answer,
                           prompt_ids=prompt_ids_for(tokenizer, p.question)) for i, p in enumerate(problems)]
-        requests = data_dir / f"{split.name}.requests.jsonl"
-        requests.write_text("".join(json.dumps({"id": s.id, "prompt_ids": s.prompt_ids}) + "\n" for s in samples))
-        pending.append((split, samples, requests, data_dir / f"{split.name}.answers.jsonl"))
+        pending.append((split, samples))
     if not pending:
         return counts
-    run_worker(config, model_dir, [{"requests": str(r.resolve()), "out": str(a.resolve()),
-                                    "temperature": split.temperature} for split, _, r, a in pending],
-               data_dir, config.data.max_new_tokens, step="data", who="the dense model")
-    for split, samples, _, answers_path in pending:
-        answers = read_answers(answers_path)
-        missing = [s.id for s in samples if s.id not in answers]
-        if missing:
-            raise DistillError(f"data: {len(missing)} answers missing from {answers_path} (first: {missing[0]}); "
-                               "rerun to resume")
-        joined = [s.model_copy(update={k: answers[s.id][k] for k in ("completion_ids", "text", "finish_reason")})
-                  for s in samples]
+    answered = answer_with_vllm(config, model_dir, data_dir, {split.name: (samples, split.temperature)
+                                                              for split, samples in pending},
+                                config.data.max_new_tokens, step="data", who="the dense model")
+    for split, samples in pending:
+        joined = [s.model_copy(update={k: a[k] for k in ("completion_ids", "text", "finish_reason")})
+                  for s, a in zip(samples, answered[split.name], strict=True)]
         final = split_path(config.run_dir, split.name)
         tmp = final.with_suffix(".tmp")
         tmp.write_text("".join(s.model_dump_json() + "\n" for s in joined))
@@ -77,7 +70,32 @@ def generate_data(config: DistillConfig, model_dir: Path) -> dict[str, int]:
     return counts
 
 
-def run_worker(config: DistillConfig, model_dir: Path, jobs: list[dict], work_dir: Path, max_new_tokens: int,
+def answer_with_vllm(config: DistillConfig, model_dir: Path, work_dir: Path,
+                     sets: dict[str, tuple[list[Sample], float]], max_new_tokens: int, step: str, who: str,
+                     adapter: Path | None = None) -> dict[str, list[dict]]:
+    """Answer each named set of samples (at its temperature) in one vLLM worker: {name: answers in sample
+    order}. Files: work_dir/{name}.requests.jsonl, {name}.answers.jsonl (appended by the worker as
+    chunks finish: a rerun answers only what is missing)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    jobs, outs = [], {}
+    for name, (samples, temperature) in sets.items():
+        requests, outs[name] = work_dir / f"{name}.requests.jsonl", work_dir / f"{name}.answers.jsonl"
+        requests.write_text("".join(json.dumps({"id": s.id, "prompt_ids": s.prompt_ids}) + "\n" for s in samples))
+        jobs.append({"requests": str(requests.resolve()), "out": str(outs[name].resolve()),
+                     "temperature": temperature})
+    _run_worker(config, model_dir, jobs, work_dir, max_new_tokens, step, who, adapter)
+    result = {}
+    for name, (samples, _) in sets.items():
+        answers = _read_answers(outs[name])
+        missing = [s.id for s in samples if s.id not in answers]
+        if missing:
+            raise DistillError(f"{step}: {len(missing)} answers missing from {outs[name]} (first: {missing[0]}); "
+                               "rerun to resume")
+        result[name] = [answers[s.id] for s in samples]
+    return result
+
+
+def _run_worker(config: DistillConfig, model_dir: Path, jobs: list[dict], work_dir: Path, max_new_tokens: int,
                step: str, who: str, adapter: Path | None = None) -> None:
     """Answer `jobs` (requests files -> answers files) in a vLLM worker process; its log goes to
     work_dir/vllm.log. With `adapter`, the model is served with that Caprese adapter."""
@@ -97,7 +115,7 @@ def run_worker(config: DistillConfig, model_dir: Path, jobs: list[dict], work_di
                            "same command to resume")
 
 
-def read_answers(path: Path) -> dict[str, dict]:
+def _read_answers(path: Path) -> dict[str, dict]:
     """The worker's answers by sample id (a torn last line of an interrupted run is skipped)."""
     got = {}
     for line in path.read_text().splitlines() if path.exists() else []:

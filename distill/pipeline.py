@@ -140,8 +140,9 @@ class Pipeline:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos])
-        evaluation = run_evaluation(self.config, self.model_dir, model, run_dir / "eval", heldout, run_dir / "adapter",
-                                    max_new, self.config.fit.capture_batch_tokens, pad_id, eos_ids)
+        evaluation = run_evaluation(self.config, self.model_dir, model, run_dir / "eval", heldout, adapter,
+                                    run_dir / "adapter", max_new, self.config.fit.capture_batch_tokens, pad_id,
+                                    eos_ids)
         timings = self._record("evaluate_s", time.perf_counter() - t0)
         text = model.config.get_text_config()
         ranks = adapter.manifest.lowrank.ranks
