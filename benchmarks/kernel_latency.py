@@ -5,8 +5,8 @@
 Per model shape and number of decode tokens T (each its own request, so each its own neuron set):
   dense   vLLM's shape of the dense FF: x W_gu^T -> act_and_mul -> W_d, cuBLAS, bf16
   gather  the Triton route (gather_gate_up + gather_down): each token reads its k neurons' rows + rank r
-  masked  the dense-rows route for large batches: dense GEMMs over the low-rank-extended weights with
-          the unselected neurons zeroed by act_mul_mask
+  masked  the dense-rows route for decode batches: every row of the low-rank-extended weights read once,
+          masked_gate_up (gate/up, activation, mask) then a cuBLAS GEMM for down
   floor   the gather route's weight bytes / the copy bandwidth measured on this GPU
 All timed inside CUDA graphs (triton.testing.do_bench_cudagraph), as vLLM runs decode.
 """
@@ -65,6 +65,53 @@ def sweep(hidden, inter, k, gate_up_ext, down_t_ext, act) -> None:
         print(f"  sweep H={hidden} {kind}: " + "; ".join(f"{r[0]:.1f}us {r[2:]}" for r in best), flush=True)
 
 
+def sweep_masked(hidden, inter, rank, gate_up_ext, act, act_fn, tokens_list) -> None:
+    """us of masked_gate_up for a grid of launch settings, beside what it replaces (cuBLAS over
+    2I + R rows + act_mul_mask) and the dense shape (cuBLAS over 2I rows + act-and-mul)."""
+    from triton.testing import do_bench_cudagraph
+
+    from caprese_vllm.kernels.act_mul_mask import act_mul_mask, act_mul_mask_reference
+    from caprese_vllm.kernels.masked_gate_up import masked_gate_up, masked_workspace
+
+    for tokens in tokens_list:
+        x = torch.randn(tokens, hidden, device="cuda", dtype=gate_up_ext.dtype)
+        keep = (torch.rand(tokens, inter, device="cuda") < 0.5).to(torch.uint8)
+        slot = torch.arange(tokens, device="cuda")
+        flags = torch.zeros(tokens, dtype=torch.bool, device="cuda")
+        stat = torch.zeros(tokens, inter, device="cuda")
+        parts, ticket = masked_workspace(inter, x.device)
+        want = act_mul_mask_reference(x.float() @ gate_up_ext.float().t(), inter, rank, keep, slot, flags, act)
+        w_dense = gate_up_ext[: 2 * inter]
+
+        def cublas_dense():
+            h = x @ w_dense.t()
+            return act_fn(h[:, :inter]) * h[:, inter:]
+
+        def cublas_ext_mask():
+            return act_mul_mask(x @ gate_up_ext.t(), inter, rank, keep, slot, flags, act)[0]
+
+        base = {f.__name__: 1e3 * do_bench_cudagraph(f, rep=200) for f in (cublas_dense, cublas_ext_mask)}
+        results = []
+        for block_n in (32, 64, 128):
+            for block_k in (64, 128, 256):
+                for warps in (4, 8):
+                    for stages in (3, 5):
+                        config = (block_n, block_k, warps, stages)
+                        f = lambda: masked_gate_up(x, gate_up_ext, inter, keep, slot, flags, flags, stat,  # noqa: E731
+                                                   parts, ticket, act, config)
+                        try:
+                            err = ((f().float() - want).norm() / want.norm()).item()
+                            us = 1e3 * do_bench_cudagraph(f, rep=200)
+                        except Exception as e:  # noqa: BLE001 - out of shared memory etc.: skip the setting
+                            print(f"    {config}: {type(e).__name__}", flush=True)
+                            continue
+                        results.append((us, config, err))
+        results.sort()
+        print(f"  masked sweep H={hidden} T={tokens}: cuBLAS 2I + act-mul {base['cublas_dense']:.1f} us, "
+              f"cuBLAS 2I+R + act_mul_mask {base['cublas_ext_mask']:.1f} us; fused best: "
+              + "; ".join(f"{us:.1f}us {cfg} err {err:.1e}" for us, cfg, err in results[:6]), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -72,12 +119,13 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--sweep", action="store_true", help="time the gather kernels' launch settings at T=1")
+    parser.add_argument("--sweep-masked", action="store_true",
+                        help="time masked_gate_up's launch settings at each T of --tokens, then stop")
     args = parser.parse_args()
 
     from triton.testing import do_bench_cudagraph
 
-    from caprese_vllm.kernels.decode_mlp import caprese_ff, fuse_weights
-    from caprese_vllm.kernels.gather_down import gather_workspace
+    from caprese_vllm.kernels.decode_mlp import caprese_ff, decode_workspace, fuse_weights
 
     dtype = torch.bfloat16
     bandwidth = copy_bandwidth()
@@ -94,6 +142,9 @@ def main() -> None:
         act_fn = F.silu if act == "silu" else (lambda g: F.gelu(g, approximate="tanh"))
         if args.sweep:
             sweep(hidden, inter, k, gate_up_ext, down_t_ext, act)
+        if args.sweep_masked:
+            sweep_masked(hidden, inter, rank, gate_up_ext, act, act_fn, args.tokens)
+            continue
         for tokens in args.tokens:
             x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
             idx = torch.stack([torch.randperm(inter, device="cuda")[:k].sort().values
@@ -102,19 +153,19 @@ def main() -> None:
             slot = torch.arange(tokens, device="cuda")
             flags = torch.zeros(tokens, dtype=torch.bool, device="cuda")
             stat = torch.zeros(tokens, inter, device="cuda")
-            acc, tickets = gather_workspace(tokens, hidden, x.device)
+            ws = decode_workspace(tokens, hidden, inter, x.device)
 
             def dense():
                 h = x @ w_gate_up.t()
                 return (act_fn(h[:, :inter]) * h[:, inter:]) @ w_down.t()
 
             def gather():
-                return caprese_ff(x, gate_up_ext, down_t_ext, inter, idx, keep, slot, flags, flags, stat, acc, tickets,
-                                  act, gather_max_tokens=tokens)
+                return caprese_ff(x, gate_up_ext, down_t_ext, inter, idx, keep, slot, flags, flags, stat, ws, act,
+                                  gather_max_tokens=tokens)
 
             def masked():
-                return caprese_ff(x, gate_up_ext, down_t_ext, inter, idx, keep, slot, flags, flags, stat, acc, tickets,
-                                  act, gather_max_tokens=0)
+                return caprese_ff(x, gate_up_ext, down_t_ext, inter, idx, keep, slot, flags, flags, stat, ws, act,
+                                  gather_max_tokens=0)
 
             gather(), masked()  # compile the Triton kernels before capture
             times = {f.__name__: 1e3 * do_bench_cudagraph(f, rep=200) for f in (dense, gather, masked)}

@@ -27,15 +27,18 @@ else:
 
 from caprese_vllm.kernels.act_mul_mask import act_mul_mask, act_mul_mask_reference  # noqa: E402
 from caprese_vllm.kernels.decode_mlp import (  # noqa: E402
-    FUSED_STATS_MAX_TOKENS, caprese_ff, fuse_weights, gather_route_reference, masked_route_reference,
+    caprese_ff, decode_workspace, fuse_weights, gather_route_reference, masked_route_reference,
 )
 from caprese_vllm.kernels.gather_down import gather_down, gather_down_reference, gather_workspace  # noqa: E402
 from caprese_vllm.kernels.gather_gate_up import gather_gate_up, gather_gate_up_reference  # noqa: E402
 from caprese_vllm.kernels.griffin_stats import griffin_stats_, griffin_stats_reference_  # noqa: E402
+from caprese_vllm.kernels.masked_gate_up import MAX_TOKENS, masked_gate_up, masked_workspace  # noqa: E402
 
 SHAPES = [  # hidden, intermediate, rank, activation
     (576, 1536, 72, "silu"), (640, 2048, 232, "gelu_tanh"), (4096, 14336, 256, "silu"), (1000, 3000, 20, "silu"),
 ] if DEVICE == "cuda" else [(64, 192, 8, "silu"), (100, 300, 20, "gelu_tanh")]
+# Triton's interpreter multiplies bfloat16 tl.dot operands as raw bits: interpreted dot kernels get float32.
+DOT_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 CUDA_ONLY = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 SLOTS = 5
 
@@ -120,18 +123,32 @@ def test_act_mul_mask_matches_reference(hidden, inter, rank, act):
 
 
 @pytest.mark.parametrize("hidden, inter, rank, act", SHAPES)
-def test_act_mul_mask_adds_the_statistic_of_prompt_tokens_in_small_steps(hidden, inter, rank, act):
-    c = _case(hidden, inter, rank, 5, dense_tokens=(0, 1, 3))
-    c["slot"] = torch.tensor([2, 2, 0, 4, 0], device=DEVICE)
-    token_stat = torch.tensor([True, True, False, False, False], device=DEVICE)  # token 3: dense, recomputed
-    h = torch.randn(5, 2 * inter + rank + 16, device=DEVICE).to(torch.bfloat16)  # 16 rows of padding
-    args = (h, inter, rank, c["keep"], c["slot"], c["dense"], act)
+@pytest.mark.parametrize("num_tokens", [2, 9, MAX_TOKENS])
+def test_masked_gate_up_matches_reference(hidden, inter, rank, act, num_tokens):
+    """z and, for prompt tokens, the statistic (added by the last program), twice: the ticket resets."""
+    c = _case(hidden, inter, rank, num_tokens, dtype=DOT_DTYPE, dense_tokens=(0, 1, num_tokens - 1))
+    token_stat = c["dense"].clone()
+    token_stat[1] = False  # dense but recomputed: no statistic
+    parts, ticket = masked_workspace(inter, torch.device(DEVICE))
     got, want = torch.ones(SLOTS, inter, device=DEVICE), torch.ones(SLOTS, inter, device=DEVICE)
-    z, parts = act_mul_mask(*args, stats=(token_stat, got))
-    assert parts is None
-    torch.testing.assert_close(z.float(), act_mul_mask_reference(*args), rtol=2e-2, atol=2e-2)
-    griffin_stats_reference_(z, inter, c["slot"], token_stat, want)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    h = c["x"].float() @ c["gate_up_ext"].float().t()
+    want_z = act_mul_mask_reference(h, inter, rank, c["keep"], c["slot"], c["dense"], act)
+    for _ in range(2):
+        z = masked_gate_up(c["x"], c["gate_up_ext"], inter, c["keep"], c["slot"], c["dense"], token_stat, got,
+                           parts, ticket, act)
+        torch.testing.assert_close(z.float(), want_z, rtol=2e-2, atol=2e-2)
+        griffin_stats_reference_(z, inter, c["slot"], token_stat, want)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        assert int(ticket.item()) == 0, "the last program must reset the ticket"
+
+
+def test_masked_gate_up_leaves_the_statistic_alone_in_decode_steps():
+    c = _case(64, 192, 8, 5, dtype=DOT_DTYPE, dense_tokens=())
+    parts, ticket = masked_workspace(192, torch.device(DEVICE))
+    stat = torch.ones(SLOTS, 192, device=DEVICE)
+    masked_gate_up(c["x"], c["gate_up_ext"], 192, c["keep"], c["slot"], c["dense"], c["dense"], stat, parts, ticket,
+                   "silu")
+    assert bool((stat == 1).all())
 
 
 @pytest.mark.parametrize("runs", [
@@ -152,7 +169,7 @@ def test_griffin_stats_match_the_reference_accumulation(runs):
 
 
 @pytest.mark.parametrize("hidden, inter, rank, act", SHAPES[:2])
-@pytest.mark.parametrize("num_tokens", [6, FUSED_STATS_MAX_TOKENS + 6])  # statistic fused / its own kernel
+@pytest.mark.parametrize("num_tokens", [6, MAX_TOKENS + 6])  # masked_gate_up / cuBLAS and act_mul_mask
 def test_both_routes_equal_the_masked_dense_formulation(hidden, inter, rank, act, num_tokens):
     """Gather route == masked route == dense FF with unselected neurons zeroed + x A B."""
     c = _case(hidden, inter, rank, num_tokens, dtype=torch.float32, dense_tokens=(2, num_tokens - 1))
@@ -162,11 +179,11 @@ def test_both_routes_equal_the_masked_dense_formulation(hidden, inter, rank, act
     z = acts[act](h[:, :inter]) * h[:, inter:]
     keep = c["keep"][c["slot"]].bool() | c["dense"][:, None]
     want = (z * keep) @ c["down"].t() + ((c["x"] @ c["a"]) @ c["b"]) * (~c["dense"])[:, None]
-    acc, tickets = gather_workspace(num_tokens, hidden, torch.device(DEVICE))
+    ws = decode_workspace(num_tokens, hidden, inter, torch.device(DEVICE))
     for gather_max in (0, num_tokens)[:2 if num_tokens <= 8 else 1]:  # masked route, gather route
         stat = torch.zeros(SLOTS, inter, device=DEVICE)
         got = caprese_ff(c["x"], c["gate_up_ext"], c["down_t_ext"], inter, c["idx"], c["keep"], c["slot"],
-                         c["dense"], c["dense"], stat, acc, tickets, act, gather_max)
+                         c["dense"], c["dense"], stat, ws, act, gather_max)
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
         ref_stat = torch.zeros_like(stat)
         griffin_stats_reference_(z, inter, c["slot"], c["dense"], ref_stat)
@@ -184,9 +201,9 @@ def test_routes_replay_in_a_cuda_graph(gather_max):
     """Fixed shapes, indices and flags read from device buffers: a captured graph follows new selections."""
     c = _case(576, 1536, 72, 4)
     stat = torch.zeros(SLOTS, 1536, device=DEVICE)
-    acc, tickets = gather_workspace(4, 576, torch.device(DEVICE))
+    ws = decode_workspace(4, 576, 1536, torch.device(DEVICE))
     args = lambda: (c["x"], c["gate_up_ext"], c["down_t_ext"], 1536, c["idx"], c["keep"], c["slot"],  # noqa: E731
-                    c["dense"], c["dense"], stat, acc, tickets, "silu", gather_max)
+                    c["dense"], c["dense"], stat, ws, "silu", gather_max)
     out = torch.empty(4, 576, dtype=c["x"].dtype, device=DEVICE)
     caprese_ff(*args())  # compile the kernels outside the capture
     graph = torch.cuda.CUDAGraph()

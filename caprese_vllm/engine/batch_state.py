@@ -62,7 +62,7 @@ class CapreseBatchState:
         # Default for tokens no step describes (warm-up, CUDA-graph padding): plain dense FF.
         self.token_dense = torch.ones(max_tokens, dtype=torch.bool, device=device)
         self.token_sparse_scale = torch.zeros(max_tokens, 1, dtype=torch.float32, device=device)
-        self._gather_workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._decode_workspace = None  # kernels.decode_mlp.DecodeWorkspace, made by the first GPU layer
         # Requests of the last step when it was a steady decode step (its buffers stay valid), else None.
         self._steady_req_ids: list[str] | None = None
 
@@ -82,13 +82,14 @@ class CapreseBatchState:
             self.keep_mask.scatter_(2, self.neuron_idx, 1)
         return self.keep_mask
 
-    def gather_workspace(self, max_tokens: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The GPU gather route's (acc, tickets), one pair for all layers: they run one after another."""
-        if self._gather_workspace is None or self._gather_workspace[0].shape[0] < max_tokens:
-            from caprese_vllm.kernels.gather_down import gather_workspace
+    def decode_workspace(self, gather_tokens: int, hidden: int):
+        """The GPU kernels' scratch, one for all layers (they run one after another): a DecodeWorkspace
+        for gather steps of up to gather_tokens tokens."""
+        if self._decode_workspace is None or self._decode_workspace.acc.shape[0] < gather_tokens:
+            from caprese_vllm.kernels.decode_mlp import decode_workspace
 
-            self._gather_workspace = gather_workspace(max_tokens, hidden, self.device)
-        return self._gather_workspace
+            self._decode_workspace = decode_workspace(gather_tokens, hidden, self.stat_sq.shape[2], self.device)
+        return self._decode_workspace
 
     def on_step(self, info: StepInfo) -> None:
         steady = bool((info.num_scheduled == 1).all() and not info.in_prefill.any()

@@ -50,20 +50,20 @@ def _(z, gate, token_dense, threshold, act):
     return torch.empty_like(z)
 
 
-@torch.library.custom_op("caprese::fused_ff", mutates_args=("stat_sq", "acc", "tickets"))
+@torch.library.custom_op("caprese::fused_ff", mutates_args=("stat_sq", "acc", "tickets", "parts", "ticket"))
 def fused_ff(x: torch.Tensor, gate_up_ext: torch.Tensor, down_t_ext: torch.Tensor, inter: int,
              neuron_idx: torch.Tensor, keep_mask: torch.Tensor, token_slot: torch.Tensor, token_dense: torch.Tensor,
-             token_stat: torch.Tensor, stat_sq: torch.Tensor, acc: torch.Tensor, tickets: torch.Tensor, act: str,
-             gather_max_tokens: int) -> torch.Tensor:
+             token_stat: torch.Tensor, stat_sq: torch.Tensor, acc: torch.Tensor, tickets: torch.Tensor,
+             parts: torch.Tensor, ticket: torch.Tensor, act: str, gather_max_tokens: int) -> torch.Tensor:
     """GPU: the whole GRIFFIN Caprese FF of a layer through the Triton kernels (kernels/decode_mlp.py).
-    acc / tickets: the gather route's workspace, zero before and after (declared mutated all the same)."""
-    from caprese_vllm.kernels.decode_mlp import caprese_ff
+    acc, tickets, parts, ticket: the kernels' DecodeWorkspace, zero before and after (declared mutated all the same)."""
+    from caprese_vllm.kernels.decode_mlp import DecodeWorkspace, caprese_ff
 
     return caprese_ff(x, gate_up_ext, down_t_ext, inter, neuron_idx, keep_mask, token_slot, token_dense,
-                      token_stat, stat_sq, acc, tickets, act, gather_max_tokens)
+                      token_stat, stat_sq, DecodeWorkspace(acc, tickets, parts, ticket), act, gather_max_tokens)
 
 
 @fused_ff.register_fake
 def _(x, gate_up_ext, down_t_ext, inter, neuron_idx, keep_mask, token_slot, token_dense, token_stat, stat_sq, acc,
-      tickets, act, gather_max_tokens):
+      tickets, parts, ticket, act, gather_max_tokens):
     return x.new_empty(x.shape[0], down_t_ext.shape[1])

@@ -1,21 +1,19 @@
-"""The large-batch route's activation: z = [act(g) * u * keep | h_lowrank * sparse] from h = x gate_up_ext^T.
+"""Prefill-sized masked steps' activation: z = [act(g) * u * keep | h_lowrank * sparse] from h = x gate_up_ext^T.
 
-With many decode tokens, each with its own neurons, gathering reads more rows than the matrix holds,
-so the step runs the dense GEMMs over gate_up_ext / down_t_ext (their low-rank rows included) and
+With many tokens, each decode token with its own neurons, gathering reads more rows than the matrix
+holds, so the step runs the dense GEMMs over gate_up_ext / down_t_ext (their low-rank rows included) and
 this kernel, in place of vLLM's act_and_mul, zeroes each decode token's unselected neurons and its
 low-rank channels' gate (dense tokens keep every neuron and get no low-rank contribution).
 
-GRIFFIN's statistic needs each prompt token's norm over the whole row before any column can be added:
-  - small steps (`stats` given; decode batches, where a step rarely holds a prompt token): a program
-    of a prompt token recomputes its row's norm from h and adds its own block of columns to stat_sq.
-    A decode-only step pays nothing, and there is no second kernel to launch.
-  - large steps (prefill): each program writes the sum of squares of its block of z (as stored), and
-    griffin_stats.py adds the statistic with one atomic per neuron per tile of tokens.
+GRIFFIN's statistic needs each prompt token's norm over the whole row before any column can be
+added: each program also writes the sum of squares of its block of z (as stored), and
+griffin_stats.py adds the statistic with one atomic per neuron per tile of tokens. (Decode batches
+take masked_gate_up instead, which does all of this in one kernel.)
 
     h            [T, >= 2I + R]  (rows past 2I + R: gate_up_ext's padding, never read)
     keep_mask    [S, I] uint8   per-slot selected neurons (1 = kept)
     -> z         [T, I + R]
-       sumsq_parts [T, cdiv(I + R, BLOCK)] float32 (large steps), None when `stats` was given
+       sumsq_parts [T, cdiv(I + R, BLOCK)] float32
 """
 
 from __future__ import annotations
@@ -28,9 +26,8 @@ from caprese_vllm.kernels.gather_gate_up import ACTIVATIONS, TORCH_ACTIVATIONS, 
 
 
 @triton.jit
-def _act_mul_mask_kernel(h_ptr, keep_ptr, slot_ptr, dense_ptr, stat_flag_ptr, stat_ptr, z_ptr, parts_ptr, I, R,
-                         stride_h, stride_keep, stride_stat, stride_z, stride_parts, ACT: tl.constexpr,
-                         FUSED_STATS: tl.constexpr, BLOCK: tl.constexpr):
+def _act_mul_mask_kernel(h_ptr, keep_ptr, slot_ptr, dense_ptr, z_ptr, parts_ptr, I, R, stride_h, stride_keep,
+                         stride_z, stride_parts, ACT: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = c < I + R
@@ -49,39 +46,18 @@ def _act_mul_mask_kernel(h_ptr, keep_ptr, slot_ptr, dense_ptr, stat_flag_ptr, st
     z = z.to(z_ptr.dtype.element_ty)
     tl.store(z_ptr + t * stride_z + c, z, mask=live)
     zf = tl.where(live & is_neuron, z.to(tl.float32), 0.0)
-    if FUSED_STATS:
-        if dense & (tl.load(stat_flag_ptr + t) != 0):
-            sumsq = tl.zeros([BLOCK], dtype=tl.float32)
-            for c0 in range(0, I, BLOCK):
-                cc = c0 + tl.arange(0, BLOCK)
-                g = tl.load(row + cc, mask=cc < I, other=0.0).to(tl.float32)
-                u = tl.load(row + I + cc, mask=cc < I, other=0.0).to(tl.float32)
-                zz = (apply_act(g, ACT) * u).to(z_ptr.dtype.element_ty).to(tl.float32)  # z as stored
-                sumsq += zz * zz
-            inv = 1.0 / tl.maximum(tl.sum(sumsq, axis=0), 1.1754943508222875e-38)
-            tl.atomic_add(stat_ptr + slot * stride_stat + c, zf * zf * inv, mask=live & is_neuron)
-    else:
-        tl.store(parts_ptr + t * stride_parts + tl.program_id(1), tl.sum(zf * zf, axis=0))
+    tl.store(parts_ptr + t * stride_parts + tl.program_id(1), tl.sum(zf * zf, axis=0))
 
 
 def act_mul_mask(h: torch.Tensor, inter: int, rank: int, keep_mask: torch.Tensor, token_slot: torch.Tensor,
-                 token_dense: torch.Tensor, act: str, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 block: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """stats = (token_stat [T] bool, stat_sq [S, I] float32): add the prompt tokens' statistic here."""
+                 token_dense: torch.Tensor, act: str, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     num_tokens = h.shape[0]
     z = torch.empty(num_tokens, inter + rank, dtype=h.dtype, device=h.device)
     grid = (num_tokens, triton.cdiv(inter + rank, block))
-    if stats is None:
-        sumsq_parts = torch.empty(num_tokens, grid[1], dtype=torch.float32, device=h.device)
-        token_stat, stat_sq = token_dense, sumsq_parts  # not read
-    else:
-        sumsq_parts = None
-        token_stat, stat_sq = stats
-    _act_mul_mask_kernel[grid](h, keep_mask, token_slot, token_dense, token_stat, stat_sq, z,
-                               z if sumsq_parts is None else sumsq_parts, inter, rank, h.stride(0),
-                               keep_mask.stride(0), stat_sq.stride(0), z.stride(0),
-                               0 if sumsq_parts is None else sumsq_parts.stride(0), ACT=ACTIVATIONS[act],
-                               FUSED_STATS=stats is not None, BLOCK=block)
+    sumsq_parts = torch.empty(num_tokens, grid[1], dtype=torch.float32, device=h.device)
+    _act_mul_mask_kernel[grid](h, keep_mask, token_slot, token_dense, z, sumsq_parts, inter, rank, h.stride(0),
+                               keep_mask.stride(0), z.stride(0), sumsq_parts.stride(0), ACT=ACTIVATIONS[act],
+                               BLOCK=block)
     return z, sumsq_parts
 
 

@@ -4,46 +4,58 @@
             (gather_gate_up, gather_down; two kernels, the statistic and the output cast inside the
             second). Batch-1 decode reads ~half the FF weights.
     masked  (more tokens): with several requests each reading its own rows, gathering would read more
-            than the dense matrices hold, so the step runs the dense GEMMs over gate_up_ext and
-            down_t_ext (low-rank rows included) with act_mul_mask zeroing unselected neurons: the
-            cost of the dense FF plus the R extra rows, never a second pass.
+            than the dense matrices hold, so the step reads every row of gate_up_ext and down_t_ext
+            (low-rank rows included) once, with the unselected neurons zeroed: the cost of the dense
+            FF plus the R extra rows, never a second pass.
+              decode batches (T <= masked_gate_up.MAX_TOKENS): masked_gate_up computes gate/up,
+                activation and mask in one kernel (the statistic too), then one cuBLAS GEMM for down;
+              prefill-sized steps: cuBLAS GEMMs, act_mul_mask between them, griffin_stats.
 Both routes compute the same function (tested against each other and against the portable path);
-dense tokens (prompt, recompute) get every neuron and no low-rank path. GRIFFIN's statistic is
-accumulated from the prompt tokens' activations in the same call (inside gather_down, inside
-act_mul_mask for small masked steps, by griffin_stats for large ones). `acc` and `tickets` are
-gather_down's workspace (gather_workspace), shared by all layers: they are zero between calls.
+dense tokens (prompt, recompute) get every neuron and no low-rank path. `DecodeWorkspace` holds the
+kernels' scratch, shared by all layers (they run one after another): zero between calls.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from caprese_vllm.kernels.act_mul_mask import act_mul_mask, act_mul_mask_reference
-from caprese_vllm.kernels.gather_down import gather_down, gather_down_reference
+from caprese_vllm.kernels.gather_down import gather_down, gather_down_reference, gather_workspace
 from caprese_vllm.kernels.gather_gate_up import gather_gate_up, gather_gate_up_reference
 from caprese_vllm.kernels.griffin_stats import griffin_stats_
+from caprese_vllm.kernels.masked_gate_up import MAX_TOKENS as MASKED_GATE_UP_MAX_TOKENS
+from caprese_vllm.kernels.masked_gate_up import masked_gate_up, masked_workspace
 
-# Masked-route steps of up to this many tokens (decode batches) add GRIFFIN's statistic inside
-# act_mul_mask: no statistics kernel to launch per layer (~3 us each on an H100, ~1% of a batch-32
-# step). Larger steps (prefill) use griffin_stats, whose token tiles need far fewer atomics.
-FUSED_STATS_MAX_TOKENS = 64
+
+class DecodeWorkspace(NamedTuple):
+    acc: torch.Tensor        # gather_down: [>= gather tokens, H] float32
+    tickets: torch.Tensor    # gather_down: int32
+    parts: torch.Tensor      # masked_gate_up: [MAX_TOKENS, P] float32
+    ticket: torch.Tensor     # masked_gate_up: [1] int32
+
+
+def decode_workspace(gather_tokens: int, hidden: int, inter: int, device: torch.device) -> DecodeWorkspace:
+    return DecodeWorkspace(*gather_workspace(gather_tokens, hidden, device), *masked_workspace(inter, device))
 
 
 def caprese_ff(x: torch.Tensor, gate_up_ext: torch.Tensor, down_t_ext: torch.Tensor, inter: int,
                neuron_idx: torch.Tensor, keep_mask: torch.Tensor, token_slot: torch.Tensor,
-               token_dense: torch.Tensor, token_stat: torch.Tensor, stat_sq: torch.Tensor, acc: torch.Tensor,
-               tickets: torch.Tensor, act: str, gather_max_tokens: int) -> torch.Tensor:
-    if x.shape[0] <= gather_max_tokens:
+               token_dense: torch.Tensor, token_stat: torch.Tensor, stat_sq: torch.Tensor, ws: DecodeWorkspace,
+               act: str, gather_max_tokens: int) -> torch.Tensor:
+    num_tokens = x.shape[0]
+    if num_tokens <= gather_max_tokens:
         z = gather_gate_up(x, gate_up_ext, inter, neuron_idx, token_slot, token_dense, act)
-        return gather_down(z, down_t_ext, inter, neuron_idx, token_slot, token_dense, token_stat, stat_sq, acc,
-                           tickets)
+        return gather_down(z, down_t_ext, inter, neuron_idx, token_slot, token_dense, token_stat, stat_sq, ws.acc,
+                           ws.tickets)
+    if num_tokens <= MASKED_GATE_UP_MAX_TOKENS:
+        z = masked_gate_up(x, gate_up_ext, inter, keep_mask, token_slot, token_dense, token_stat, stat_sq, ws.parts,
+                           ws.ticket, act)
+        return z @ down_t_ext
     rank = down_t_ext.shape[0] - inter
-    h = x @ gate_up_ext.t()
-    if x.shape[0] <= FUSED_STATS_MAX_TOKENS:
-        z, _ = act_mul_mask(h, inter, rank, keep_mask, token_slot, token_dense, act, stats=(token_stat, stat_sq))
-    else:
-        z, sumsq_parts = act_mul_mask(h, inter, rank, keep_mask, token_slot, token_dense, act)
-        griffin_stats_(z, inter, token_slot, token_stat, stat_sq, sumsq_parts)
+    z, sumsq_parts = act_mul_mask(x @ gate_up_ext.t(), inter, rank, keep_mask, token_slot, token_dense, act)
+    griffin_stats_(z, inter, token_slot, token_stat, stat_sq, sumsq_parts)
     return z @ down_t_ext
 
 

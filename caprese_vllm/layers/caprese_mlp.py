@@ -13,7 +13,8 @@ default where they apply; the plugin resolves it): once the weights are loaded (
 called by vLLM's post-loading pass through `quant_method`) the gate/up and down weights move into
 neuron-major buffers that also hold the low-rank rows, and `caprese::fused_ff` runs the cheaper
 route per step (kernels/decode_mlp.py): each token gathers its own rows while the step has at most
-I // (k + R) tokens (batch-1 decode at density 0.5), the dense GEMMs with masks above.
+I // (k + R) tokens (batch-1 decode at density 0.5); above, every row is read once and the
+unselected neurons are masked (one gate/up kernel for decode batches, cuBLAS for prefill).
 """
 
 from __future__ import annotations
@@ -91,8 +92,7 @@ class CapreseMLP(nn.Module):
         # GPU layout (build_gpu_layout): gate_up_ext [2I + R, H], down_t_ext [I + R, H]
         self.gate_up_ext: torch.Tensor | None = None
         self.down_t_ext: torch.Tensor | None = None
-        self.gather_acc: torch.Tensor | None = None      # [>= gather_max_tokens, H] fp32, shared
-        self.gather_tickets: torch.Tensor | None = None
+        self.workspace = None  # kernels.decode_mlp.DecodeWorkspace, shared by all layers
 
     def build_gpu_layout(self) -> None:
         if not self.use_kernels:
@@ -103,7 +103,7 @@ class CapreseMLP(nn.Module):
             # The plugin only turns kernels on for CUDA and unquantized models: a bug if reached.
             raise RuntimeError(f"caprese: layer {self.layer_idx}: GPU kernels on, but weights are "
                                f"{'on ' + str(weight.device) if not weight.is_cuda else quant}")
-        from caprese_vllm.kernels.decode_mlp import fuse_weights
+        from caprese_vllm.kernels.decode_mlp import MASKED_GATE_UP_MAX_TOKENS, fuse_weights
 
         down = self.down_proj.weight
         self.gate_up_ext, self.down_t_ext = fuse_weights(weight.data, down.data, self._param(self.lowrank_a),
@@ -113,12 +113,12 @@ class CapreseMLP(nn.Module):
         weight.data = self.gate_up_ext[:two_i]
         down.data = self.down_t_ext[: two_i // 2].t()
         self.griffin.enable_keep_mask()
-        # Sized for the model's largest gather_max_tokens (I // k), so all layers share one pair.
-        self.gather_acc, self.gather_tickets = self.batch.gather_workspace(
-            self.intermediate_size // self.griffin.k, weight.shape[1])
+        # Sized for the model's largest gather_max_tokens (I // k), so all layers share one.
+        self.workspace = self.batch.decode_workspace(self.intermediate_size // self.griffin.k, weight.shape[1])
         if self.layer_idx == 0:
             logger.info("caprese: GPU kernels on: each token gathers its neurons' rows in steps of up to %d "
-                        "tokens, masked dense GEMMs above", self.gather_max_tokens)
+                        "tokens, one masked gate/up kernel up to %d, masked dense GEMMs above",
+                        self.gather_max_tokens, MASKED_GATE_UP_MAX_TOKENS)
 
     @staticmethod
     def _param(p: nn.Parameter | None) -> torch.Tensor | None:
@@ -131,7 +131,7 @@ class CapreseMLP(nn.Module):
             return torch.ops.caprese.fused_ff(
                 x, self.gate_up_ext, self.down_t_ext, self.intermediate_size, self.griffin.neuron_idx,
                 self.griffin.keep_mask, batch.token_slot[:num_tokens], batch.token_dense[:num_tokens],
-                batch.token_stat[:num_tokens], self.griffin.stat_sq, self.gather_acc, self.gather_tickets, self.act,
+                batch.token_stat[:num_tokens], self.griffin.stat_sq, *self.workspace, self.act,
                 self.gather_max_tokens)
         token_dense = batch.token_dense[:num_tokens]
         gate_up, _ = self.gate_up_proj(x)                 # [T, 2I]
