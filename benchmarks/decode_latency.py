@@ -7,7 +7,9 @@ Prints one table per model: ms per decode step at each batch size for
              through the Triton kernels (caprese_kernels "on", the default on CUDA);
   caprese-portable  the same through the portable masked PyTorch path (not run unless asked for).
 TTNT is measured as (time of a request with 1 + D output tokens - time with 1 output token) / D, on
-256-token prompts, median of repeats. Each variant runs in its own process (a fresh engine).
+fresh random 256-token prompts (both variants prefill every prompt), D = 128 by default, median of
+repeats: per-request costs (Caprese's neuron selection) are spread over D tokens. Each variant runs
+in its own process (a fresh engine).
 
     python benchmarks/decode_latency.py --models llama-3.1-8b gemma-2-9b --batch-sizes 1 8 32
 """
@@ -76,10 +78,12 @@ def worker(args) -> None:
     rng = random.Random(0)
     results = {}
     for batch in args.batch_sizes:
-        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 30000) for _ in range(args.prompt_len)])
-                   for _ in range(batch)]
-
         def timed(n_out: int) -> float:
+            # Fresh prompts every time: a repeated prompt would be served from vLLM's prefix cache for the
+            # dense model (Caprese turns it off: GRIFFIN needs the prompt's activations), and the two
+            # would no longer run the same steps.
+            prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 30000) for _ in range(args.prompt_len)])
+                       for _ in range(batch)]
             params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True, detokenize=False)
             start = time.perf_counter()
             llm.generate(prompts, params, use_tqdm=False)
@@ -106,7 +110,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["dense", "width7424", "caprese"], choices=VARIANTS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=256)
-    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--decode-steps", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--density", type=float, default=0.5)
