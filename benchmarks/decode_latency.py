@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--decode-steps", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--json-out", type=Path, default=None)

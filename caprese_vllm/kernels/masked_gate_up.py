@@ -44,6 +44,22 @@ def launch_config(num_tokens: int) -> tuple[int, int, int, int]:
 
 
 @triton.jit
+def _weight_tile(rows, row_live, k, H, EVEN_K: tl.constexpr):
+    """[rows, BLOCK_K] of weight rows (row pointers [rows, 1]) at columns k."""
+    if EVEN_K:
+        return tl.load(rows + k[None, :], mask=row_live[:, None], other=0.0)
+    return tl.load(rows + k[None, :], mask=row_live[:, None] & (k < H)[None, :], other=0.0)
+
+
+@triton.jit
+def _x_t_tile(x_cols, t_live, k, H, EVEN_K: tl.constexpr):
+    """x^T [BLOCK_K, BLOCK_T] (token pointers [1, BLOCK_T]) at rows k."""
+    if EVEN_K:
+        return tl.load(x_cols + k[:, None], mask=t_live[None, :], other=0.0)
+    return tl.load(x_cols + k[:, None], mask=(k < H)[:, None] & t_live[None, :], other=0.0)
+
+
+@triton.jit
 def _masked_gate_up_kernel(x_ptr, w_ptr, keep_ptr, slot_ptr, dense_ptr, stat_flag_ptr, stat_ptr, parts_ptr,
                            ticket_ptr, z_ptr, T, H, I, R, stride_x, stride_w, stride_keep, stride_stat, stride_parts,
                            stride_z, ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -65,15 +81,9 @@ def _masked_gate_up_kernel(x_ptr, w_ptr, keep_ptr, slot_ptr, dense_ptr, stat_fla
         acc_up = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             k = k0 + kk
-            if EVEN_K:
-                xt = tl.load(x_cols + k[:, None], mask=t_live[None, :], other=0.0)
-                wg = tl.load(gate_rows + k[None, :], mask=n_live[:, None], other=0.0)
-                wu = tl.load(up_rows + k[None, :], mask=n_live[:, None], other=0.0)
-            else:
-                k_live = k < H
-                xt = tl.load(x_cols + k[:, None], mask=k_live[:, None] & t_live[None, :], other=0.0)
-                wg = tl.load(gate_rows + k[None, :], mask=n_live[:, None] & k_live[None, :], other=0.0)
-                wu = tl.load(up_rows + k[None, :], mask=n_live[:, None] & k_live[None, :], other=0.0)
+            xt = _x_t_tile(x_cols, t_live, k, H, EVEN_K)
+            wg = _weight_tile(gate_rows, n_live, k, H, EVEN_K)
+            wu = _weight_tile(up_rows, n_live, k, H, EVEN_K)
             acc_gate = tl.dot(wg, xt, acc_gate, input_precision=PRECISION)
             acc_up = tl.dot(wu, xt, acc_up, input_precision=PRECISION)
         slot = tl.load(slot_ptr + t, mask=t_live, other=0)
@@ -91,14 +101,7 @@ def _masked_gate_up_kernel(x_ptr, w_ptr, keep_ptr, slot_ptr, dense_ptr, stat_fla
         acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             k = k0 + kk
-            if EVEN_K:
-                xt = tl.load(x_cols + k[:, None], mask=t_live[None, :], other=0.0)
-                w = tl.load(rows + k[None, :], mask=j_live[:, None], other=0.0)
-            else:
-                k_live = k < H
-                xt = tl.load(x_cols + k[:, None], mask=k_live[:, None] & t_live[None, :], other=0.0)
-                w = tl.load(rows + k[None, :], mask=j_live[:, None] & k_live[None, :], other=0.0)
-            acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+            acc = tl.dot(_weight_tile(rows, j_live, k, H, EVEN_K), _x_t_tile(x_cols, t_live, k, H, EVEN_K), acc, input_precision=PRECISION)
         z = tl.where(dense[None, :], 0.0, acc).to(z_ptr.dtype.element_ty)
         tl.store(z_ptr + t[None, :] * stride_z + (I + j)[:, None], z, mask=j_live[:, None] & t_live[None, :])
 
