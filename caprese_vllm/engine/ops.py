@@ -56,7 +56,8 @@ def fused_ff(x: torch.Tensor, gate_up_ext: torch.Tensor, down_t_ext: torch.Tenso
              token_stat: torch.Tensor, stat_sq: torch.Tensor, acc: torch.Tensor, tickets: torch.Tensor,
              parts: torch.Tensor, ticket: torch.Tensor, act: str, gather_max_tokens: int) -> torch.Tensor:
     """GPU: the whole GRIFFIN Caprese FF of a layer through the Triton kernels (kernels/decode_mlp.py).
-    acc, tickets, parts, ticket: the kernels' DecodeWorkspace, zero before and after (declared mutated all the same)."""
+    acc, tickets, parts, ticket: the kernels' DecodeWorkspace (scratch; acc and the tickets are zero before and
+    after, declared mutated all the same)."""
     from caprese_vllm.kernels.decode_mlp import DecodeWorkspace, caprese_ff
 
     return caprese_ff(x, gate_up_ext, down_t_ext, inter, neuron_idx, keep_mask, token_slot, token_dense,

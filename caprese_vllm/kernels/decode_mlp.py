@@ -12,7 +12,8 @@
               prefill-sized steps: cuBLAS GEMMs, act_mul_mask between them, griffin_stats.
 Both routes compute the same function (tested against each other and against the portable path);
 dense tokens (prompt, recompute) get every neuron and no low-rank path. `DecodeWorkspace` holds the
-kernels' scratch, shared by all layers (they run one after another): zero between calls.
+kernels' scratch, shared by all layers (they run one after another); its accumulators and tickets
+are zero between calls.
 """
 
 from __future__ import annotations

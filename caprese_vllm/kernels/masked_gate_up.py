@@ -18,7 +18,8 @@ step pays one atomic per program for it.
     keep_mask    [S, I] uint8       per-slot selected neurons (1 = kept)
     token_slot   [T] int64, token_dense [T] bool, token_stat [T] bool
     stat_sq      [S, I] float32     updated in place for prompt tokens
-    parts        [MAX_TOKENS, >= cdiv(I, BLOCK_N)] float32, ticket [1] int32 (zero, and zero again after)
+    parts        [MAX_TOKENS, >= cdiv(I, BLOCK_N)] float32 scratch, written before it is read
+    ticket       [1] int32, zero before and zero again after
     -> z         [T, I + R]
 float32 models (tests, the equivalence check) get full float32 products, as cuBLAS gives them; the
 tensor cores' tf32 would part from the PyTorch path.
@@ -101,7 +102,8 @@ def _masked_gate_up_kernel(x_ptr, w_ptr, keep_ptr, slot_ptr, dense_ptr, stat_fla
         acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             k = k0 + kk
-            acc = tl.dot(_weight_tile(rows, j_live, k, H, EVEN_K), _x_t_tile(x_cols, t_live, k, H, EVEN_K), acc, input_precision=PRECISION)
+            w = _weight_tile(rows, j_live, k, H, EVEN_K)
+            acc = tl.dot(w, _x_t_tile(x_cols, t_live, k, H, EVEN_K), acc, input_precision=PRECISION)
         z = tl.where(dense[None, :], 0.0, acc).to(z_ptr.dtype.element_ty)
         tl.store(z_ptr + t[None, :] * stride_z + (I + j)[:, None], z, mask=j_live[:, None] & t_live[None, :])
 
