@@ -135,24 +135,30 @@ def main() -> None:
                        *(["--enforce-eager"] if args.enforce_eager else [])]
                 start = time.perf_counter()
                 log_dir = args.log_dir or Path(workdir)
-                log_dir.mkdir(parents=True, exist_ok=True)
-                log_path = log_dir / f"{model}-{variant}.log"
-                with open(log_path, "w") as log:  # vLLM logs to stdout: keep both streams in the file
-                    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-                stderr = log_path.read_text()
-                line = next((ln for ln in stderr.splitlines() if ln.startswith("RESULT ")), None)
-                if proc.returncode != 0 or line is None:
-                    print(f"[{model} {variant}] FAILED (exit {proc.returncode}), log {log_path}:\n{stderr[-6000:]}",
-                          flush=True)
+                result, log_text = run_worker(cmd, log_dir / f"{model}-{variant}.log", f"{model} {variant}")
+                if result is None:
                     continue
-                table.setdefault(model, {})[variant] = json.loads(line[len("RESULT "):])
-                caprese_lines = [ln for ln in stderr.splitlines() if "caprese" in ln.lower()]
+                table.setdefault(model, {})[variant] = result
+                caprese_lines = [ln for ln in log_text.splitlines() if "caprese" in ln.lower()]
                 print(f"[{model} {variant}] done in {time.perf_counter() - start:.0f}s", flush=True)
                 for ln in caprese_lines[-6:]:
                     print("    " + ln[-220:], flush=True)
     print_table(table, args.batch_sizes)
     if args.json_out:
         args.json_out.write_text(json.dumps(table, indent=2))
+
+
+def run_worker(cmd: list[str], log_path: Path, name: str) -> tuple[dict | None, str]:
+    """Run a benchmark worker process, its whole output in log_path; (its RESULT json or None, the log)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:  # vLLM logs to stdout: keep both streams in the file
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    text = log_path.read_text()
+    line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        print(f"[{name}] FAILED (exit {proc.returncode}), log {log_path}:\n{text[-6000:]}", flush=True)
+        return None, text
+    return json.loads(line[len("RESULT "):]), text
 
 
 def print_table(table: dict, batch_sizes: list[int]) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode_latency import make_model_dir  # noqa: E402
+from decode_latency import make_model_dir, run_worker  # noqa: E402
 
 STEADY_FROM = 8
 
@@ -115,12 +114,9 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", "--workdir", workdir, "--model", args.model, "--variant",
                    variant, "--batch", str(args.batch), "--steps", str(args.steps), "--rank", str(args.rank),
                    "--density", str(args.density)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                print(f"[{variant}] FAILED (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}", flush=True)
-                continue
-            results[variant] = json.loads(line[len("RESULT "):])
+            result, _ = run_worker(cmd, Path(workdir) / f"{variant}.log", variant)
+            if result is not None:
+                results[variant] = result
     print(f"\n### {args.model}, batch {args.batch}: one steady decode step (mean of {args.steps})\n")
     print("| variant | host ms/step | host ms/step (profiled) | GPU busy ms/step |")
     print("|---|---|---|---|")
