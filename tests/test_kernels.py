@@ -123,10 +123,11 @@ def test_act_mul_mask_matches_reference(hidden, inter, rank, act):
 
 
 @pytest.mark.parametrize("hidden, inter, rank, act", SHAPES)
-@pytest.mark.parametrize("num_tokens", [2, 9, MAX_TOKENS])
-def test_masked_gate_up_matches_reference(hidden, inter, rank, act, num_tokens):
+@pytest.mark.parametrize("num_tokens", [2, 9, 17, 33, MAX_TOKENS])  # each launch setting
+@pytest.mark.parametrize("dtype", list(dict.fromkeys([DOT_DTYPE, torch.float32])))  # float32: wider smem tiles
+def test_masked_gate_up_matches_reference(hidden, inter, rank, act, num_tokens, dtype):
     """z and, for prompt tokens, the statistic (added by the last program), twice: the ticket resets."""
-    c = _case(hidden, inter, rank, num_tokens, dtype=DOT_DTYPE, dense_tokens=(0, 1, num_tokens - 1))
+    c = _case(hidden, inter, rank, num_tokens, dtype=dtype, dense_tokens=(0, 1, num_tokens - 1))
     token_stat = c["dense"].clone()
     token_stat[1] = False  # dense but recomputed: no statistic
     parts, ticket = masked_workspace(inter, torch.device(DEVICE))

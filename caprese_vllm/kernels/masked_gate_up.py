@@ -36,12 +36,16 @@ from caprese_vllm.kernels.gather_gate_up import ACTIVATIONS, apply_act
 MAX_TOKENS = 64
 
 
-def launch_config(num_tokens: int) -> tuple[int, int, int, int]:
+def launch_config(num_tokens: int, element_size: int = 2) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages): the fastest of benchmarks/kernel_latency.py --sweep-masked
-    on an H100 at 8 and 32 tokens for the Llama-3.1-8B and Gemma-2-9B shapes (or within 0.5 us of it)."""
+    on an H100 at 8 and 32 tokens for the Llama-3.1-8B and Gemma-2-9B shapes (or within 0.5 us of it),
+    for 16-bit weights. Wider elements (float32) take a narrower BLOCK_K, so that each pipeline stage
+    holds the same bytes of shared memory: float32 at BLOCK_K 128 asked 288 KiB at 64 tokens, more than
+    an H100's 227 KiB."""
+    block_k = 128 * 2 // max(element_size, 2)
     if num_tokens <= 16:
-        return (64, 128, 4, 3)
-    return (128, 128, 8, 3) if num_tokens <= 32 else (64, 128, 8, 3)  # 128 x 64 tiles: out of shared memory
+        return (64, block_k, 4, 3)
+    return (128, block_k, 8, 3) if num_tokens <= 32 else (64, block_k, 8, 3)  # 128 x 64: out of shared memory
 
 
 @triton.jit
@@ -145,7 +149,7 @@ def masked_gate_up(x: torch.Tensor, gate_up_ext: torch.Tensor, inter: int, keep_
     num_tokens, hidden = x.shape
     if num_tokens > MAX_TOKENS:
         raise ValueError(f"masked_gate_up: {num_tokens} tokens, at most {MAX_TOKENS}")
-    block_n, block_k, num_warps, num_stages = config or launch_config(num_tokens)
+    block_n, block_k, num_warps, num_stages = config or launch_config(num_tokens, x.element_size())
     rank = gate_up_ext.shape[0] - 2 * inter
     num_neuron_tiles = triton.cdiv(inter, block_n)
     if parts.shape[1] < num_neuron_tiles:
