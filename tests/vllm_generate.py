@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--compilation-config", default=None, help="JSON for vLLM's compilation_config")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens tokens")
     parser.add_argument("--logprobs", type=int, default=None, help="also write each step's top-N logprobs")
+    parser.add_argument("--chat", action="store_true", help="each prompt as one user turn of the chat template")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -45,6 +46,10 @@ def main() -> None:
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, enforce_eager=bool(args.enforce_eager),
               kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0, **extra)
     prompts = json.loads(args.prompts_json)
+    if args.chat:
+        tokenizer = llm.get_tokenizer()
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
                                                  ignore_eos=args.ignore_eos, logprobs=args.logprobs))
     result = [{"prompt": o.prompt, "token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text}
