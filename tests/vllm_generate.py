@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--compilation-config", default=None, help="JSON for vLLM's compilation_config")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens tokens")
     parser.add_argument("--logprobs", type=int, default=None, help="also write each step's top-N logprobs")
-    parser.add_argument("--chat", action="store_true", help="each prompt as one user turn of the chat template")
+    parser.add_argument("--chat", action="store_true", help="each prompt framed as distillation frames questions: "
+                        "a user turn of the chat template (a Q/A frame for base models)")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -46,14 +47,16 @@ def main() -> None:
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, enforce_eager=bool(args.enforce_eager),
               kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0, **extra)
     prompts = json.loads(args.prompts_json)
+    inputs = prompts
     if args.chat:
+        from distill.data import prompt_ids_for
+
         tokenizer = llm.get_tokenizer()
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
-                                                 ignore_eos=args.ignore_eos, logprobs=args.logprobs))
-    result = [{"prompt": o.prompt, "token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text}
-              for o in outputs]
+        inputs = [{"prompt_token_ids": prompt_ids_for(tokenizer, p)} for p in prompts]
+    outputs = llm.generate(inputs, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+                                                ignore_eos=args.ignore_eos, logprobs=args.logprobs))
+    result = [{"prompt": p, "token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text}
+              for p, o in zip(prompts, outputs)]
     if args.logprobs:
         for row, o in zip(result, outputs):  # per step: [[token_id, logprob], ...], best first
             row["logprobs"] = [sorted(([t, lp.logprob] for t, lp in step.items()), key=lambda x: -x[1])
