@@ -28,8 +28,11 @@ def default_rank(num_params: int, hidden_size: int, num_lowrank_layers: int,
 
 
 def lowrank_forward(x: torch.Tensor, lowrank_a: torch.Tensor, lowrank_b: torch.Tensor) -> torch.Tensor:
-    """(x @ A) @ B for x [..., H]: two thin GEMMs, never the dense H x H product."""
-    return (x @ lowrank_a.to(x.dtype)) @ lowrank_b.to(x.dtype)
+    """(x @ A) @ B for x [..., H], A [H, r], B [r, H] -> [..., H] in x's dtype: two thin GEMMs, never the
+    dense H x H product, computed in float32 (float64 stays float64) whatever the dtypes: bf16/fp16 x @ A
+    overflows or rounds away what the float32 fit learned; gradients reach float32 A and B as such."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return ((x.to(dtype) @ lowrank_a.to(dtype)) @ lowrank_b.to(dtype)).to(x.dtype)
 
 
 def fold_lowrank(gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,

@@ -8,6 +8,9 @@ beside them as `caprese:*`, set once in the API-server process when the adapter 
     caprese:compressed_layers            FF blocks that decode compressed (each with a low-rank path)
     caprese:lowrank_rank{stat="min|max"} rank of the low-rank paths
     caprese:params{kind="dense|active|lowrank"}  parameters read per decode token
+    caprese:nonfinite_statistics_total   requests whose GRIFFIN statistic held NaN/Inf (they decode with
+                                         the fallback selection); counted in the engine process(es),
+                                         read at scrape time (engine/nonfinite.py)
 
 (A route such as GET /caprese would need vLLM's opt-in endpoint plugins, which also turn
 VLLM_PLUGINS into an allowlist for every plugin group; /metrics needs no opt-in.)
@@ -15,12 +18,17 @@ VLLM_PLUGINS into an allowlist for every plugin group; /metrics needs no opt-in.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from caprese_vllm.adapter import CapreseAdapter
+from caprese_vllm.engine.nonfinite import STATS_DIR_ENV, read_total
 
 logger = logging.getLogger("vllm.caprese")
 
@@ -89,11 +97,14 @@ def summarize(adapter: CapreseAdapter, adapter_path: str, model_name: str, model
 
 
 _gauges: dict = {}
+_stats_dir: Path | None = None
 
 
 def publish(summary: AdapterSummary) -> None:
-    """Log the summary and set the caprese:* gauges (idempotent: vLLM may build the config twice)."""
+    """Log the summary, set the caprese:* gauges and export the engine counters' directory (idempotent:
+    vLLM may build the config twice)."""
     logger.info(summary.log_line())
+    stats_dir = engine_stats_dir()
     try:
         from prometheus_client import Gauge
     except ImportError:  # vLLM always ships prometheus_client; without it there is no /metrics either
@@ -115,3 +126,36 @@ def publish(summary: AdapterSummary) -> None:
     if summary.dense_params is not None:
         _gauges["params"].labels("dense").set(summary.dense_params)
         _gauges["params"].labels("active").set(summary.active_params)
+    if "nonfinite" not in _gauges:
+        from prometheus_client import REGISTRY
+
+        _gauges["nonfinite"] = NonfiniteCollector(stats_dir)
+        REGISTRY.register(_gauges["nonfinite"])
+
+
+def engine_stats_dir() -> Path:
+    """This front-end's directory for the engine processes' counts, made once and removed at exit; exported
+    as $CAPRESE_STATS_DIR before the engine processes start, so they inherit it."""
+    global _stats_dir
+    if _stats_dir is None:
+        _stats_dir = Path(tempfile.mkdtemp(prefix="caprese-stats-"))
+        atexit.register(shutil.rmtree, _stats_dir, ignore_errors=True)
+    os.environ[STATS_DIR_ENV] = str(_stats_dir)
+    return _stats_dir
+
+
+class NonfiniteCollector:
+    """`caprese:nonfinite_statistics_total`, summed over the engine processes' files at scrape time."""
+
+    def __init__(self, stats_dir: Path):
+        self.stats_dir = stats_dir
+
+    def describe(self):
+        return []  # no describe-time collect(): the value is read only when /metrics is scraped
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily("caprese:nonfinite_statistics", "Requests whose GRIFFIN statistic held NaN/Inf "
+                                  "FF activations; each decoded with the fallback selection",
+                                  value=read_total(self.stats_dir))

@@ -118,6 +118,7 @@ def test_future_format_version(adapter_dir):
     ("lowrank__ranks", {"0": 9999, "1": 8, "2": 8}, "hidden_size=576"),
     ("method__name", "magic", "method.name"),
     ("base_model__hidden_size", "wide", "base_model.hidden_size"),
+    ("method__layers", [0, 1, 30], "method.layers [30] out of range for a model with 30 layers"),
 ])
 def test_bad_manifest_fields(adapter_dir, field, value, fragment):
     edit_manifest(adapter_dir, **{field: value})
@@ -222,3 +223,48 @@ def test_fuzz_random_corruptions_are_refused_or_harmless(adapter_dir):
         assert time.monotonic() - start < 10, f"case {case}: loading took too long"
         (adapter_dir / name).write_bytes(files[name])
     assert outcomes["refused"] >= 150, outcomes
+
+
+def test_density_that_keeps_no_neuron_is_refused(adapter_dir):
+    """Issue 17 item 5: k = int(1536 * 0.0005) = 0 failed on the first decode step."""
+    edit_manifest(adapter_dir, method__density=0.0005)
+    refuse(adapter_dir, MANIFEST_FILE, "method.density 0.0005 keeps int(1536 * 0.0005) = 0", "density >= 0.000652")
+
+
+def _with_large_value(adapter_dir):
+    def enlarge(t):
+        t["layers.1.lowrank_a"][0, 0] = 1e5  # finite in float32 and bfloat16, Inf in float16
+    edit_tensors(adapter_dir, enlarge)
+    return adapter_dir
+
+
+def test_values_beyond_the_serving_dtype_are_refused(adapter_dir):
+    """Issue 17 item 8: finiteness was checked as stored (float32), then the tensors were cast to float16."""
+    adapter = CapreseAdapter.load(_with_large_value(adapter_dir))
+    adapter.check_dtype(torch.float32), adapter.check_dtype(torch.bfloat16)
+    with pytest.raises(AdapterError) as err:
+        adapter.check_dtype(torch.float16, where="ADAPTER")
+    assert str(err.value) == ("ADAPTER: tensor layers.1.lowrank_a has values up to 1e+05, beyond torch.float16's "
+                              "range (max 6.55e+04) once cast to the serving dtype; serve with --dtype bfloat16 or "
+                              "float32, or distil the adapter again")
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("args, fragment", [
+    (["--caprese-density", "0.0005"], ("vllm: error: caprese: --caprese-density (additional_config caprese_density) "
+                                       "0.0005 keeps int(1536 * 0.0005) = 0 of the model's 1536 FF neurons")),
+    (["--dtype", "float16"], ("adapter.safetensors: tensor layers.1.lowrank_a has values up to 1e+05, beyond "
+                              "torch.float16's range")),
+])
+def test_serve_time_values_are_checked_against_the_model_with_one_line(model_dirs, adapter_dir, args, fragment):
+    """Refused before any engine starts: exit 1, one `vllm: error:` line, no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    vllm_bin = Path(sys.executable).parent / "vllm"
+    proc = subprocess.run([str(vllm_bin), "serve", str(model_dirs["smollm2-135m"]), "--caprese-adapter",
+                           str(_with_large_value(adapter_dir)), *args], capture_output=True, text=True, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("vllm: error: ") and fragment in last, last
+    assert "Traceback" not in proc.stderr

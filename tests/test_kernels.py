@@ -169,6 +169,45 @@ def test_griffin_stats_match_the_reference_accumulation(runs):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_griffin_stats_never_read_non_prompt_tokens():
+    """A decode / padding token's NaN or Inf (e.g. its parts) must not reach any slot's statistic."""
+    runs = [(0, 7, True), (2, 1, False), (0, 3, True), (1, 40, False), (1, 5, True)]
+    slot = torch.tensor([s for s, n, _ in runs for _ in range(n)], device=DEVICE)
+    stat_flag = torch.tensor([f for _, n, f in runs for _ in range(n)], dtype=torch.bool, device=DEVICE)
+    inter = 300
+    z = torch.randn(slot.numel(), inter, device=DEVICE)
+    parts = z.square().reshape(slot.numel(), 4, -1).sum(-1)
+    want = torch.zeros(5, inter, device=DEVICE)
+    griffin_stats_reference_(z, inter, slot, stat_flag, want)
+    z[~stat_flag], parts[~stat_flag] = float("nan"), float("inf")
+    got = torch.zeros(5, inter, device=DEVICE)
+    griffin_stats_(z, inter, slot, stat_flag, got, parts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_tokens", [4, 12, MAX_TOKENS + 4])  # gather and masked; masked_gate_up; act_mul_mask
+def test_non_finite_tokens_stay_in_their_own_row_and_slot(num_tokens):
+    """Token 1 (decode) has NaN inputs, token 3 (prompt) an Inf: every other token's output and every other
+    slot's statistic are what they are without them (the selection from slot 3's: tests/test_nonfinite.py)."""
+    hidden, inter, rank, act = SHAPES[0]
+    c = _case(hidden, inter, rank, num_tokens, dtype=torch.float32, dense_tokens=(0, 3))
+    c["slot"] = torch.tensor([0, 1, 2, 3] + [4] * (num_tokens - 4), device=DEVICE)
+    ws = decode_workspace(num_tokens, hidden, inter, torch.device(DEVICE))
+    poisoned = c["x"].clone()
+    poisoned[1], poisoned[3, 0] = float("nan"), float("inf")
+    others = [t for t in range(num_tokens) if t not in (1, 3)]
+    for gather_max in (0, num_tokens)[:2 if num_tokens <= 8 else 1]:
+        out, stat = [], []
+        for x in (c["x"], poisoned):
+            stat.append(torch.zeros(SLOTS, inter, device=DEVICE))
+            out.append(caprese_ff(x, c["gate_up_ext"], c["down_t_ext"], inter, c["idx"], c["keep"], c["slot"],
+                                  c["dense"], c["dense"], stat[-1], ws, act, gather_max))
+        torch.testing.assert_close(out[1][others], out[0][others], rtol=1e-5, atol=1e-6)
+        keep_slots = [0, 1, 2, 4]
+        torch.testing.assert_close(stat[1][keep_slots], stat[0][keep_slots], rtol=1e-5, atol=1e-6)
+        assert not bool(torch.isfinite(stat[1][3]).all()), "the premise: slot 3's statistic is non-finite"
+
+
 @pytest.mark.parametrize("hidden, inter, rank, act", SHAPES[:2])
 @pytest.mark.parametrize("num_tokens", [6, MAX_TOKENS + 6])  # masked_gate_up / cuBLAS and act_mul_mask
 def test_both_routes_equal_the_masked_dense_formulation(hidden, inter, rank, act, num_tokens):

@@ -3,7 +3,9 @@
 Tensors: `layers.{i}.lowrank_a` [hidden, r_i] and `layers.{i}.lowrank_b` [r_i, hidden] for every
 layer i in the manifest's `lowrank.ranks`. Loading checks everything (manifest schema, format
 version, tensor set, shapes, dtypes, finiteness) and, against a base model, every `base_model`
-field; each failure is one `AdapterError` line naming the file and field or tensor, and the fix.
+field and (check_dtype) finiteness in the dtype it is served in; each failure is one `AdapterError`
+line naming the file and field or tensor, and the fix. Tensors are read onto the CPU whatever
+torch's default device (vLLM builds models under CUDA's).
 """
 
 from __future__ import annotations
@@ -67,11 +69,23 @@ class CapreseAdapter:
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> CapreseAdapter:
         directory = Path(directory)
         manifest = load_manifest(directory)
-        tensors = _load_tensors(directory / TENSORS_FILE)
+        with torch.device("cpu"):
+            tensors = _load_tensors(directory / TENSORS_FILE)
         _check_tensors_digest(directory / TENSORS_FILE, manifest)
         lowrank_a, lowrank_b = _check_tensors(directory / TENSORS_FILE, manifest, tensors)
         return cls(manifest=manifest, lowrank_a={k: v.to(device) for k, v in lowrank_a.items()},
                    lowrank_b={k: v.to(device) for k, v in lowrank_b.items()})
+
+    def check_dtype(self, dtype: torch.dtype, where: str = TENSORS_FILE) -> None:
+        """Fail unless every tensor stays finite once cast to `dtype`, the one it is served in (loading
+        checks finiteness as stored: 1e5 is finite in float32 and bfloat16 but Inf in float16)."""
+        for layer in sorted(self.lowrank_a):
+            for name, t in zip(tensor_names(layer), (self.lowrank_a[layer], self.lowrank_b[layer])):
+                if not torch.isfinite(t.to(dtype)).all():
+                    raise AdapterError(
+                        f"{where}: tensor {name} has values up to {float(t.abs().max()):.4g}, beyond {dtype}'s "
+                        f"range (max {torch.finfo(dtype).max:.4g}) once cast to the serving dtype; serve with "
+                        "--dtype bfloat16 or float32, or distil the adapter again")
 
     def check_base(self, base: BaseModelInfo, source: str = "the base model") -> None:
         """Fail unless this adapter was fitted on `base` (every base_model field must match)."""

@@ -4,7 +4,9 @@ The fingerprint hashes, for every layer, the shapes and a fixed corner ([:16, :6
 up and down projection weights, rounded to bf16 so the same model stored in fp32 or bf16 gives the
 same value. It reads a handful of rows, so it is cheap for an 8B checkpoint too, and it can be
 computed from a loaded transformers model or straight from the safetensors files on disk (what the
-vLLM plugin does, since vLLM renames and fuses the weights it loads).
+vLLM plugin does, since vLLM renames and fuses the weights it loads). The plugin runs this while
+vLLM builds the model, under vLLM's default device (CUDA) and dtype: every tensor here is read onto
+the CPU explicitly and hashed from CPU memory, whatever the defaults.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def fingerprint_weights(get_corner: Callable[[str], tuple[tuple[int, ...], torch
         for proj in FF_WEIGHTS:
             name = ff_weight_name(layer, proj)
             shape, corner = get_corner(name)
-            corner = corner.to(torch.bfloat16).contiguous().view(torch.int16)
+            corner = corner.to("cpu", torch.bfloat16).contiguous().view(torch.int16)
             digest.update(f"{name}:{tuple(shape)}".encode())
             digest.update(corner.numpy().tobytes())
     return "sha256:" + digest.hexdigest()[:32]
@@ -50,10 +52,15 @@ def fingerprint_module(model: torch.nn.Module, num_layers: int) -> str:
 
 
 def fingerprint_checkpoint(model_dir: str | Path, num_layers: int) -> str:
-    """Fingerprint from the safetensors files of a Hugging Face model directory."""
+    """Fingerprint from the safetensors files of a Hugging Face model directory. Raises FileNotFoundError
+    without model.safetensors(.index.json), KeyError without gated-FF weight names."""
+    with torch.device("cpu"):  # safetensors' slices follow the default device (vLLM's: CUDA), not device=
+        return _fingerprint_checkpoint(Path(model_dir), num_layers)
+
+
+def _fingerprint_checkpoint(model_dir: Path, num_layers: int) -> str:
     from safetensors import safe_open
 
-    model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -61,7 +68,7 @@ def fingerprint_checkpoint(model_dir: str | Path, num_layers: int) -> str:
         single = model_dir / "model.safetensors"
         if not single.is_file():
             raise FileNotFoundError(f"{model_dir} has no model.safetensors(.index.json) to fingerprint")
-        with safe_open(str(single), "pt") as f:
+        with safe_open(str(single), "pt", device="cpu") as f:
             weight_map = {k: single.name for k in f.keys()}
     prefix = _hf_prefix(weight_map)
     handles: dict[str, object] = {}
@@ -69,7 +76,7 @@ def fingerprint_checkpoint(model_dir: str | Path, num_layers: int) -> str:
     def get_corner(name: str):
         file = weight_map[prefix + name]
         if file not in handles:
-            handles[file] = safe_open(str(model_dir / file), "pt")
+            handles[file] = safe_open(str(model_dir / file), "pt", device="cpu")
         tensor_slice = handles[file].get_slice(prefix + name)
         return tuple(tensor_slice.get_shape()), tensor_slice[:_ROWS, :_COLS]
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from caprese_vllm.methods.griffin import check_griffin_k
 from caprese_vllm.methods.spec import MethodSpec
 
 FORMAT_VERSION = 1
@@ -69,6 +70,8 @@ class CapreseManifest(BaseModel):
     def _check(self) -> CapreseManifest:
         base = self.base_model
         self.method.check_layers(base.num_layers)
+        if self.method.name == "griffin":
+            check_griffin_k(base.intermediate_size, self.method.density, "method.density")
         for layer, rank in self.lowrank.ranks.items():
             if layer not in self.method.layers:
                 raise ValueError(f"lowrank.ranks has layer {layer}, which method.layers does not compress")

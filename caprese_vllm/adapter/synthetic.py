@@ -20,8 +20,10 @@ def synthetic_adapter(base: BaseModelInfo, method: MethodSpec, rank: int, scale:
     hidden = base.hidden_size
     lowrank_a, lowrank_b = {}, {}
     for layer in method.layers:
-        lowrank_a[layer] = torch.randn(hidden, rank, generator=gen) * (scale / hidden ** 0.5)
-        lowrank_b[layer] = torch.randn(rank, hidden, generator=gen) * (scale / hidden ** 0.5)
+        lowrank_a[layer] = torch.randn(hidden, rank, generator=gen, dtype=torch.float32, device="cpu") * (
+            scale / hidden ** 0.5)
+        lowrank_b[layer] = torch.randn(rank, hidden, generator=gen, dtype=torch.float32, device="cpu") * (
+            scale / hidden ** 0.5)
     kind = "random" if scale else "zero"
     manifest = CapreseManifest(
         base_model=base, method=method,

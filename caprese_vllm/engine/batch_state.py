@@ -5,8 +5,11 @@ tokens and warm-up runs point at. Before each step (see step_info.py) the host:
   1. frees the slots of requests the runner no longer holds and gives new requests a slot;
   2. resets a slot's statistics when its request starts (again) from position 0 (new request,
      or recompute after preemption), so a reused slot never leaks another request's state;
-  3. takes the top-k for slots whose prompt is complete and which decode in this step;
+  3. takes the top-k for slots whose prompt is complete and which decode in this step (defined for
+     any statistic; a non-finite one is flagged to the NonfiniteMonitor, read without a sync);
   4. writes per-token slot / prompt / dense flags into fixed device buffers the layers read.
+Every tensor is made with an explicit device and dtype: vLLM builds the model under its own default
+device (torch.device(cuda) context) and dtype.
 A steady decode step (the same requests as the step before, one decode token each, as that step)
 finds the buffers already right and costs a list comparison: no host work, no copies, no kernels
 (at batch 32 the full update was ~1-2% of a decode step of an 8B model).
@@ -17,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from caprese_vllm.engine.nonfinite import NonfiniteMonitor
 from caprese_vllm.engine.step_info import StepInfo
 from caprese_vllm.methods.griffin import griffin_indices, griffin_keep
 
@@ -45,7 +49,7 @@ class CapreseBatchState:
                  intermediate_size: int = 0, griffin_k: int = 0):
         self.max_slots = max_slots
         self.dummy_slot = max_slots
-        self.device = device
+        self.device = torch.device(device)
         self.free_slots = list(range(max_slots - 1, -1, -1))
         self.slot_of: dict[str, int] = {}
         self.selected = np.zeros(max_slots + 1, dtype=bool)
@@ -53,20 +57,22 @@ class CapreseBatchState:
         self.griffin_k = griffin_k
         self.stat_sq = torch.zeros(griffin_layers, max_slots + 1, intermediate_size, dtype=torch.float32,
                                    device=device)
-        self.neuron_idx = torch.arange(griffin_k, device=device).repeat(griffin_layers, max_slots + 1, 1)
+        self.neuron_idx = torch.arange(griffin_k, dtype=torch.int64, device=device).repeat(griffin_layers,
+                                                                                           max_slots + 1, 1)
         # [L, slots + 1, I] uint8, the selections as masks: only the GPU kernels' masked route needs it
         self.keep_mask: torch.Tensor | None = None
         self.griffin_layers: list[GriffinLayerState] = []
+        self.griffin_layer_ids: list[int] = []  # the model's layer index of each stacked GRIFFIN layer
+        self.nonfinite = NonfiniteMonitor(self.griffin_layer_ids)
         self.token_slot = torch.full((max_tokens,), self.dummy_slot, dtype=torch.int64, device=device)
         self.token_stat = torch.zeros(max_tokens, dtype=torch.bool, device=device)
         # Default for tokens no step describes (warm-up, CUDA-graph padding): plain dense FF.
         self.token_dense = torch.ones(max_tokens, dtype=torch.bool, device=device)
-        self.token_sparse_scale = torch.zeros(max_tokens, 1, dtype=torch.float32, device=device)
         self._decode_workspace = None  # kernels.decode_mlp.DecodeWorkspace, made by the first GPU layer
         # Requests of the last step when it was a steady decode step (its buffers stay valid), else None.
         self._steady_req_ids: list[str] | None = None
 
-    def add_griffin_layer(self, intermediate_size: int, k: int) -> GriffinLayerState:
+    def add_griffin_layer(self, intermediate_size: int, k: int, layer_idx: int | None = None) -> GriffinLayerState:
         if len(self.griffin_layers) == self.stat_sq.shape[0] or (intermediate_size, k) != (self.stat_sq.shape[2],
                                                                                             self.griffin_k):
             raise ValueError(f"caprese: GRIFFIN layer {len(self.griffin_layers)} (I={intermediate_size}, k={k}) "
@@ -74,6 +80,7 @@ class CapreseBatchState:
                              f"I={self.stat_sq.shape[2]}, k={self.griffin_k})")
         state = GriffinLayerState(self, len(self.griffin_layers))
         self.griffin_layers.append(state)
+        self.griffin_layer_ids.append(len(self.griffin_layer_ids) if layer_idx is None else layer_idx)
         return state
 
     def enable_keep_mask(self) -> torch.Tensor:
@@ -92,6 +99,8 @@ class CapreseBatchState:
         return self._decode_workspace
 
     def on_step(self, info: StepInfo) -> None:
+        if self.nonfinite.pending:  # last selections' non-finite flags, once their copy has landed
+            self.nonfinite.poll()
         steady = bool((info.num_scheduled == 1).all() and not info.in_prefill.any()
                       and (info.chunk_start >= info.prompt_len).all())
         if steady and info.req_ids == self._steady_req_ids:
@@ -129,20 +138,21 @@ class CapreseBatchState:
 
         decoding = ~info.in_prefill & (info.chunk_start >= info.prompt_len)
         to_select = np.unique(slots[decoding & ~self.selected[slots]])
-        if to_select.size:
-            self._select(self._device_index(to_select))
+        if to_select.size and self.stat_sq.shape[0]:  # no GRIFFIN layer (CATS): nothing to select
+            req_of = {slot: req_id for req_id, slot in self.slot_of.items()}
+            self._select(self._device_index(to_select), [req_of[int(s)] for s in to_select])
             self.selected[to_select] = True
 
-        n = token_slot.size
         self._write(self.token_slot, torch.from_numpy(token_slot), self.dummy_slot)
         self._write(self.token_stat, torch.from_numpy(token_stat), False)
         self._write(self.token_dense, torch.from_numpy(token_dense), True)
-        self.token_sparse_scale[:n, 0] = self.token_dense[:n].logical_not().float()
-        self.token_sparse_scale[n:] = 0.0
 
-    def _select(self, slots: torch.Tensor) -> None:
-        """Top-k of every compressed layer for these slots: one call over [L, n, I]."""
-        keep = griffin_keep(self.stat_sq[:, slots], self.griffin_k)                 # [L, n, I] bool
+    def _select(self, slots: torch.Tensor, req_ids: list[str]) -> None:
+        """Top-k of every compressed layer for these slots (their requests: req_ids): one call over [L, n, I].
+        Any statistic, NaN/Inf included, gives k in-range neurons; a non-finite one is flagged."""
+        stat_sq = self.stat_sq[:, slots]                                             # [L, n, I] float32
+        self.nonfinite.check(stat_sq, req_ids)
+        keep = griffin_keep(stat_sq, self.griffin_k)                                 # [L, n, I] bool
         self.neuron_idx[:, slots] = griffin_indices(keep, self.griffin_k)            # [L, n, k]
         if self.keep_mask is not None:
             self.keep_mask[:, slots] = keep.to(torch.uint8)

@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from caprese_vllm.adapter import AdapterError, CapreseAdapter, tensor_names
+from caprese_vllm.adapter import TENSORS_FILE, AdapterError, CapreseAdapter, tensor_names
 from caprese_vllm.adapter.base_info import base_info_from_config, text_config
 from caprese_vllm.adapter.fingerprint import fingerprint_checkpoint
 from caprese_vllm.engine.batch_state import CapreseBatchState
 from caprese_vllm.engine.config import CapreseServeConfig
 from caprese_vllm.engine.step_info import set_step_listener
 from caprese_vllm.layers.caprese_mlp import CapreseMLP
-from caprese_vllm.methods import griffin_k
+from caprese_vllm.methods import check_griffin_k, griffin_k
 
 logger = logging.getLogger("vllm.caprese")
 
@@ -44,7 +44,9 @@ def fingerprint_source(vllm_config) -> Path | None:
 
 def load_checked_adapter(serve: CapreseServeConfig, vllm_config,
                          adapter: CapreseAdapter | None = None) -> CapreseAdapter:
-    """The adapter (loaded unless given), validated against the model vLLM is serving."""
+    """The adapter (loaded unless given), validated against the model vLLM is serving: base model
+    (sizes, layers, fingerprint), the density actually served (k >= 1 neuron kept), and the tensors'
+    finiteness in the serving dtype. Raises AdapterError (one line; the plugin prints `vllm: error:`)."""
     adapter = adapter if adapter is not None else CapreseAdapter.load(serve.adapter)
     hf_config = vllm_config.model_config.hf_config
     num_layers = text_config(hf_config).num_hidden_layers
@@ -65,6 +67,14 @@ def load_checked_adapter(serve: CapreseServeConfig, vllm_config,
         logger.warning("caprese: density overridden %.3f -> %.3f; the adapter was distilled at %.3f",
                        adapter.manifest.method.density, serve.density, adapter.manifest.method.density)
         adapter.manifest.method = adapter.manifest.method.model_copy(update={"density": serve.density})
+    if adapter.manifest.method.name == "griffin":
+        source = ("caprese: --caprese-density (additional_config caprese_density)" if serve.density is not None
+                  else f"caprese: {serve.adapter}: method.density")
+        try:
+            check_griffin_k(text_config(hf_config).intermediate_size, adapter.manifest.method.density, source)
+        except ValueError as err:
+            raise AdapterError(str(err)) from None
+    adapter.check_dtype(vllm_config.model_config.dtype, where=f"caprese: {serve.adapter / TENSORS_FILE}")
     return adapter
 
 

@@ -20,13 +20,15 @@ from caprese_vllm.methods import cats_keep_mask, griffin_token_stat
 @torch.library.custom_op("caprese::griffin_sparsify", mutates_args=("stat_sq",))
 def griffin_sparsify(z: torch.Tensor, token_slot: torch.Tensor, token_stat: torch.Tensor,
                      token_dense: torch.Tensor, stat_sq: torch.Tensor, neuron_idx: torch.Tensor) -> torch.Tensor:
-    """Accumulate prompt statistics into stat_sq [slots, I]; keep each decode token's own neurons."""
-    contrib = griffin_token_stat(z) * token_stat.unsqueeze(-1)        # [T, I] float32
+    """Accumulate prompt statistics into stat_sq [slots, I]; keep each decode token's own neurons.
+    Masks select (`where`), never multiply: a non-prompt token's NaN/Inf (NaN * 0 = NaN) must not
+    reach the statistic, nor an unselected neuron's the output."""
+    contrib = torch.where(token_stat.unsqueeze(-1), griffin_token_stat(z), 0.0)   # [T, I] float32
     stat_sq.index_add_(0, token_slot, contrib)
     keep = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
     keep.scatter_(1, neuron_idx.index_select(0, token_slot), True)    # [T, I] the slot's k neurons
     keep |= token_dense.unsqueeze(-1)
-    return z * keep
+    return torch.where(keep, z, 0.0)
 
 
 @griffin_sparsify.register_fake
@@ -42,7 +44,7 @@ def cats_sparsify(z: torch.Tensor, gate: torch.Tensor, token_dense: torch.Tensor
                   act: str) -> torch.Tensor:
     """Zero decode-token activations whose |act(gate)| is under the layer's threshold."""
     keep = cats_keep_mask(_ACTS[act](gate), threshold) | token_dense.unsqueeze(-1)
-    return z * keep
+    return torch.where(keep, z, 0.0)
 
 
 @cats_sparsify.register_fake

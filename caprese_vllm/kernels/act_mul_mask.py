@@ -64,6 +64,6 @@ def act_mul_mask(h: torch.Tensor, inter: int, rank: int, keep_mask: torch.Tensor
 def act_mul_mask_reference(h, inter, rank, keep_mask, token_slot, token_dense, act):
     h = h.float()
     keep = keep_mask[token_slot].bool() | token_dense[:, None]
-    z = TORCH_ACTIVATIONS[act](h[:, :inter]) * h[:, inter:2 * inter] * keep
-    lowrank = h[:, 2 * inter:2 * inter + rank] * (~token_dense)[:, None]
+    z = torch.where(keep, TORCH_ACTIVATIONS[act](h[:, :inter]) * h[:, inter:2 * inter], 0.0)
+    lowrank = torch.where(token_dense[:, None], 0.0, h[:, 2 * inter:2 * inter + rank])
     return torch.cat([z, lowrank], dim=1)

@@ -6,7 +6,8 @@ Each program takes a tile of TOK_TILE tokens x BLOCK_C neurons instead and, when
 belongs to one slot (all but the tiles at request boundaries), adds the tile's column sums with one
 atomic per neuron. Tiles without prompt tokens (every tile of a decode step) return at once.
 Token norms come from act_mul_mask's per-block sums of squares. The float32 accumulation matches
-`caprese_vllm.methods.griffin.griffin_accumulate`.
+`caprese_vllm.methods.griffin.griffin_accumulate`, NaN/Inf included: a prompt token's non-finite
+values reach its own slot's statistic (the selection is defined for them), a non-prompt token's never.
 
     z            [T, >= I]   activations as stored, neuron order (columns [0, I))
     sumsq_parts  [T, P]      float32, sum over the row's parts = |z_t|^2 (act_mul_mask)
@@ -38,7 +39,8 @@ def _griffin_stats_kernel(z_ptr, parts_ptr, slot_ptr, stat_flag_ptr, stat_ptr, T
     cmask = c < I
     zt = tl.load(z_ptr + t[:, None] * stride_z + c[None, :], mask=flag[:, None] & cmask[None, :], other=0.0)
     zt = zt.to(tl.float32)
-    contrib = zt * zt * inv[:, None]                                   # [TOK_TILE, BLOCK_C]
+    # Selected with a where, not masked by a multiply: only prompt tokens' values reach the statistic.
+    contrib = tl.where(flag[:, None] & cmask[None, :], zt * zt * inv[:, None], 0.0)   # [TOK_TILE, BLOCK_C]
     lo = tl.min(tl.where(flag, slot, 2147483647), axis=0)
     hi = tl.max(tl.where(flag, slot, -1), axis=0)
     if lo == hi:
@@ -61,4 +63,4 @@ def griffin_stats_reference_(z, inter, token_slot, token_stat, stat_sq) -> None:
     """griffin_token_stat (methods/griffin.py), written out: this module must import without pydantic."""
     zf = z[:, :inter].float()
     contrib = zf.square() / zf.square().sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    stat_sq.index_add_(0, token_slot, contrib * token_stat[:, None])
+    stat_sq.index_add_(0, token_slot, torch.where(token_stat[:, None], contrib, 0.0))

@@ -5,7 +5,7 @@ weight loaders, untouched) plus a sparse decode path and the low-rank branch.
     z       = act_and_mul(gate_up)                  [T, I]   dense activations
     z       = sparsify(z)                           prompt tokens feed statistics and stay dense;
                                                     decode tokens keep their request's neurons
-    y       = down_proj(z) + sparse_scale * (x @ lowrank_a) @ lowrank_b
+    y       = down_proj(z) + (x @ lowrank_a) @ lowrank_b     on decode tokens (a where, float32 product)
 
 This is the portable PyTorch path: it computes every neuron and masks, so it is exact against the
 reference and runs anywhere. On CUDA, GRIFFIN layers run the Triton kernels (caprese_kernels, on by
@@ -27,6 +27,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBa
 
 from caprese_vllm.engine import ops  # noqa: F401  (registers torch.ops.caprese.*)
 from caprese_vllm.engine.batch_state import CapreseBatchState, GriffinLayerState
+from caprese_vllm.lowrank import lowrank_forward
 from caprese_vllm.methods import MethodSpec, griffin_k
 
 
@@ -72,7 +73,7 @@ class CapreseMLP(nn.Module):
         self.griffin: GriffinLayerState | None = None
         if method.name == "griffin":
             self.griffin = batch_state.add_griffin_layer(intermediate_size, griffin_k(intermediate_size,
-                                                                                       method.density))
+                                                                                       method.density), layer_idx)
         self.threshold = float(method.thresholds[layer_idx]) if method.name == "cats" else 0.0
         self.lowrank_a = self.lowrank_b = None
         if rank:
@@ -144,6 +145,7 @@ class CapreseMLP(nn.Module):
                                                 self.threshold, self.act)
         y, _ = self.down_proj(z)                          # [T, H]
         if self.lowrank_a is not None:
-            lowrank = (x @ self.lowrank_a) @ self.lowrank_b
-            y = y + lowrank * batch.token_sparse_scale[:num_tokens].to(y.dtype)
+            # Decode tokens only, selected with a where: a multiply by 0 would turn a prompt token's Inf into NaN.
+            lowrank = lowrank_forward(x, self.lowrank_a, self.lowrank_b)              # [T, H], float32 inside
+            y = torch.where(token_dense.unsqueeze(-1), y, y + lowrank)
         return y

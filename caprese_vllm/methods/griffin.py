@@ -13,10 +13,16 @@ over all prompt tokens (the last one included). Deviations, all numerical, none 
   accumulate it token by token, so a prompt split into chunks (vLLM's chunked prefill) gives the same
   selection as one pass; top-k of the square equals top-k of the norm;
 - an all-zero activation row (never seen in practice) contributes nothing instead of NaN;
-- `neuron_idx` is returned sorted ascending, so gathers read weight rows in memory order.
+- `neuron_idx` is returned sorted ascending, so gathers read weight rows in memory order;
+- the selection is defined for any statistic: a non-finite entry (NaN, +Inf, -Inf: an activation
+  that overflowed) ranks below every finite one, ties go to the lowest index, so exactly k distinct
+  in-range neurons come back whatever the statistic holds (an all-NaN row keeps neurons 0..k-1).
+  Tokens are masked out of the statistic with a `where`, never a multiply (NaN * 0 = NaN).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -24,7 +30,20 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 def griffin_k(intermediate_size: int, density: float) -> int:
+    """Neurons kept per layer: int(I * density) (the reference code's rule); 0 for a tiny density."""
     return int(intermediate_size * density)
+
+
+def check_griffin_k(intermediate_size: int, density: float, source: str) -> int:
+    """griffin_k, or ValueError naming `source` (the field or flag the density came from) when it keeps
+    no neuron: k = 0 would fail on the first decode step (issue 17 item 5)."""
+    k = griffin_k(intermediate_size, density)
+    if k < 1:
+        least = math.ceil(1e6 / intermediate_size) / 1e6
+        raise ValueError(f"{source} {density:g} keeps int({intermediate_size} * {density:g}) = 0 of the model's "
+                         f"{intermediate_size} FF neurons per layer; GRIFFIN needs at least 1: use a density >= "
+                         f"{least:g}")
+    return k
 
 
 def griffin_token_stat(z: torch.Tensor) -> torch.Tensor:
@@ -35,18 +54,25 @@ def griffin_token_stat(z: torch.Tensor) -> torch.Tensor:
 
 
 def griffin_accumulate(stat_sq: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """Add the masked tokens of z [B, S, I] to stat_sq [B, I] (in place); token_mask [B, S] bool."""
-    contrib = griffin_token_stat(z) * token_mask.unsqueeze(-1)
+    """Add the masked tokens of z [B, S, I] to stat_sq [B, I] (in place); token_mask [B, S] bool.
+    Masked-out tokens (padding, generated) contribute exactly 0, even where their z is NaN or Inf."""
+    contrib = torch.where(token_mask.unsqueeze(-1), griffin_token_stat(z), 0.0)
     stat_sq += contrib.sum(dim=1)
     return stat_sq
 
 
 def griffin_keep(stat_sq: torch.Tensor, k: int) -> torch.Tensor:
-    """keep [..., I] bool: the k neurons with the largest statistic; of neurons tied at the k-th
-    largest value, the lowest indices (torch.topk leaves ties unspecified).
+    """keep [..., I] bool with exactly k True per row, for any stat_sq [..., I] (float): the k neurons
+    with the largest statistic, where every non-finite entry (NaN, +Inf, -Inf) ranks below every
+    finite one; of neurons tied at the k-th largest value (non-finite ones included), the lowest
+    indices (torch.topk leaves ties unspecified). So an all-NaN or all-equal row keeps 0..k-1.
+    Raises ValueError unless 1 <= k <= I (a shape check: no host sync).
 
     Built from the k-th largest value and elementwise ops instead of topk(k = I / 2), which is slow
     for such a k (selecting 32 requests x 32 layers of 14336 neurons: 2.3 ms with topk on an H100)."""
+    if not 1 <= k <= stat_sq.shape[-1]:
+        raise ValueError(f"caprese: GRIFFIN keeps k={k} of {stat_sq.shape[-1]} neurons; k must be in [1, I]")
+    stat_sq = torch.where(torch.isfinite(stat_sq), stat_sq, float("-inf"))
     kth = torch.kthvalue(stat_sq, stat_sq.shape[-1] - k + 1, dim=-1, keepdim=True).values
     above = stat_sq > kth
     tied = stat_sq == kth
@@ -55,10 +81,13 @@ def griffin_keep(stat_sq: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def griffin_indices(keep: torch.Tensor, k: int) -> torch.Tensor:
-    """neuron_idx [..., k] int64, ascending, of a keep mask with k neurons per row: each kept neuron's
-    place is the count of kept neurons before it (a scatter, no host sync, capturable)."""
-    place = torch.where(keep, keep.cumsum(dim=-1) - 1, k)  # place k collects the neurons not kept
-    idx = torch.empty(*keep.shape[:-1], k + 1, dtype=torch.int64, device=keep.device)
+    """neuron_idx [..., k] int64, ascending, of a keep mask [..., I] with k neurons per row: each kept
+    neuron's place is the count of kept neurons before it (a scatter, no host sync, capturable).
+    Always in [0, I), whatever keep holds: past the k-th, kept neurons are dropped; a row with fewer
+    than k repeats neuron 0 in its last places (griffin_keep always gives exactly k)."""
+    place = keep.cumsum(dim=-1) - 1
+    place = torch.where(keep & (place < k), place, k)  # place k collects the neurons not kept
+    idx = torch.zeros(*keep.shape[:-1], k + 1, dtype=torch.int64, device=keep.device)
     neurons = torch.arange(keep.shape[-1], device=keep.device).expand(keep.shape)
     return idx.scatter_(-1, place, neurons)[..., :k]
 

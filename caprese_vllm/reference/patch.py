@@ -2,7 +2,7 @@
 
 Each compressed layer's MLP becomes a `CapreseMLP`: prompt tokens run the dense FF and feed the
 method's statistics; generated tokens run the sparse FF plus the low-rank path
-    y = down(keep * act(gate(x)) * up(x)) + (x @ lowrank_a) @ lowrank_b.
+    y = down(where(keep, act(gate(x)) * up(x), 0)) + (x @ lowrank_a) @ lowrank_b   (low-rank in float32).
 Which tokens are "prompt" comes from a `ForwardPlan` that a forward pre-hook on the model sets:
   - with `model.generate`: the forward that starts a sequence (empty KV cache) is the prompt
     (its non-padding tokens); every later forward is generation;
@@ -103,7 +103,7 @@ class CapreseMLP(nn.Module):
         if not generated.any():
             return y
         keep = self.sparsifier.keep_mask(gate_act)
-        y_sparse = mlp.down_proj(z * keep)
+        y_sparse = mlp.down_proj(torch.where(keep, z, 0.0))  # not z * keep: an unselected Inf/NaN stays out
         if self.lowrank_a is not None:
             y_sparse = y_sparse + lowrank_forward(x, self.lowrank_a, self.lowrank_b)
         if self.runtime.tap is not None:

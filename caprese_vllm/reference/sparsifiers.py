@@ -3,8 +3,10 @@
 Contract, for one FF layer and a batch of B sequences:
   observe(z, gate_act, prompt_mask)  prompt tokens (mask [B, S]) feed the method's statistics
   keep_mask(gate_act) -> [B, S, I]   which activations a *generated* token keeps
-The reference keeps all I activations and multiplies by the mask: simple, exact (x * 1 == x), and
-the ground truth that the gathering fast paths are tested against.
+The reference keeps all I activations and selects with the mask (`where`, not a multiply: an
+unselected neuron's NaN/Inf must not leak): simple, exact, and the ground truth that the gathering
+fast paths are tested against. GRIFFIN's selection is defined for any statistic, NaN and Inf
+included (methods/griffin.py), so its indices are always in range.
 """
 
 from __future__ import annotations
