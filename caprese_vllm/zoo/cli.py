@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "list":
+        width = max(len(name) for name in CATALOG)
         for spec in CATALOG.values():
-            print(f"{spec.name:16s} {spec.description}")
+            print(f"{spec.name:{width}s}  {spec.description}")
         return 0
     for name in args.names:
         try:

