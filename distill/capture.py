@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from caprese_vllm.methods import MethodSpec
 from caprese_vllm.reference import patch_model, teacher_forcing, unpatch_model
+from distill.config import save_atomic
 from distill.data import Sample, collate, length_batches
 
 
@@ -88,9 +89,7 @@ def capture_stats(model: torch.nn.Module, method: MethodSpec, samples: list[Samp
 
 
 def save_stats(stats: dict[int, LayerStats], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({layer: s.state() for layer, s in stats.items()}, tmp)
-    tmp.replace(path)
+    save_atomic(path, {layer: s.state() for layer, s in stats.items()})
 
 
 def load_stats(path: Path, device) -> dict[int, LayerStats]:

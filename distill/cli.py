@@ -2,6 +2,8 @@
 
     caprese-distill run      --model smollm2-135m --run-dir runs/smol --num-samples 300
     caprese-distill run      --preset smollm2-135m        # the default adapter (CPU, ~20 min)
+    caprese-distill run      --preset gsm8k-paper --model DIR --run-dir runs/x \
+        --questions gsm8k/train.jsonl --gsm8k gsm8k/train.jsonl   # the paper's recipe, GSM8K dev score
     caprese-distill generate ...   # step 1 only: the dense model answers the prompts (vLLM)
     caprese-distill fit ...        # step 2 only: fit the low-rank paths -> RUN_DIR/adapter
     caprese-distill evaluate ...   # step 3 only: RUN_DIR/report.{json,md,png}
@@ -23,13 +25,15 @@ _FLAGS = {
     "heldout_math": "data.heldout_math", "heldout_language": "data.heldout_language",
     "max_new_tokens": "data.max_new_tokens", "refine": "fit.refine", "e2e_epochs": "fit.e2e_epochs",
     "e2e_lr": "fit.e2e_lr", "e2e_loss": "fit.e2e_loss", "e2e_batch_tokens": "fit.e2e_batch_tokens",
+    "questions": "data.questions", "questions_range": "data.questions_range", "gsm8k": "eval.gsm8k",
+    "gsm8k_range": "eval.gsm8k_range", "gsm8k_max_new_tokens": "eval.gsm8k_max_new_tokens",
 }
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML file with settings (flags override it)")
-    parser.add_argument("--preset", help="ready-made settings for a model (smollm2-135m, gemma3-270m); run dir "
-                        "defaults to ~/.cache/caprese/runs/PRESET")
+    parser.add_argument("--preset", help="ready-made settings (smollm2-135m, gemma3-270m; gsm8k-paper: the paper's "
+                        "recipe for any --model); run dir defaults to ~/.cache/caprese/runs/PRESET")
     parser.add_argument("--model", help="HF checkpoint directory or a caprese-models name (smollm2-135m, ...)")
     parser.add_argument("--run-dir", help="where everything is written (resumable)")
     parser.add_argument("--method", choices=["griffin", "cats"])
@@ -47,6 +51,29 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--e2e-lr", type=float)
     parser.add_argument("--e2e-loss", choices=["hidden_mse", "kl", "hidden_mse+kl"])
     parser.add_argument("--e2e-batch-tokens", type=int)
+    parser.add_argument("--questions", help="training prompts from this GSM8K-format JSONL (`question` per line), "
+                        "prefixed 'Please reason step by step.', cycled to --num-samples (default: templated math)")
+    parser.add_argument("--questions-range", help="python slice of its lines, e.g. ':-1000' (default ':')")
+    parser.add_argument("--gsm8k", help="GSM8K-format JSONL (`question`, `answer` ending in '#### N'): held-out "
+                        "split scored by exact-answer accuracy, length, truncation")
+    parser.add_argument("--gsm8k-range", help="python slice of its lines, e.g. '-1000:' (default ':'); must not "
+                        "overlap --questions-range when both name one file")
+    parser.add_argument("--gsm8k-max-new-tokens", type=int, help="longest GSM8K answer (default 512)")
+
+
+_RANGE_FLAGS = ("--questions-range", "--gsm8k-range")
+
+
+def glue_range_values(argv: list[str]) -> list[str]:
+    """`--gsm8k-range -1000:` -> `--gsm8k-range=-1000:`: argparse takes a value starting with "-" (a slice
+    from the end) for an unknown option and stops with "expected one argument"."""
+    out = []
+    for arg in argv:
+        if out and out[-1] in _RANGE_FLAGS and arg.startswith("-"):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(glue_range_values(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         parser.print_help()
         return 2
@@ -90,8 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fit: adapter written to {config.run_dir / 'adapter'} ({adapter.manifest.extra_params() / 1e6:.2f}M "
                   "low-rank parameters)", flush=True)
         if args.command in ("run", "evaluate"):
-            pipeline.evaluate()
+            report = pipeline.evaluate()
             print((config.run_dir / "report.md").read_text(), flush=True)
+            if args.command == "run":
+                from distill.report import step_times
+
+                times = step_times(report)
+                print("time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+                      + f"; total {sum(times.values()):.0f}", flush=True)
     except (DistillError, AdapterError, FileNotFoundError) as err:
         print(f"caprese-distill: error: {err}", file=sys.stderr)
         return 1

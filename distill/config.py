@@ -9,15 +9,40 @@ directory must resolve to the same config (it resumes), or it stops naming the d
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.functional_validators import AfterValidator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
+
+
+def parse_slice(text: str) -> slice:
+    """A python slice written as text ("-1000:", ":-1000", "10:20", "::2", ":") -> slice; ValueError otherwise."""
+    match = _SLICE.match(text)
+    if match is None or match.group(3) == "0":
+        raise ValueError(f"{text!r} is not a slice such as ':-1000', '-1000:' or '0:500'")
+    return slice(*(None if g is None else int(g) for g in match.groups()))
+
+
+def _check_slice(text: str) -> str:
+    parse_slice(text)
+    return text
+
+
+SliceText = Annotated[str, AfterValidator(_check_slice)]
+# kept absolute in RUN_DIR/config.json, so that a resume from another directory means the same file
+FilePath = Annotated[Path, AfterValidator(lambda p: p.expanduser().absolute())]
 
 
 class DataConfig(_Strict):
@@ -29,6 +54,10 @@ class DataConfig(_Strict):
                                "(held-out answers are greedy)")
     gen_dtype: str = Field("auto", description="vLLM dtype for data generation (auto: float32 on CPU)")
     gen_chunk: int = Field(512, gt=0, description="prompts per vLLM call; each finished chunk is saved")
+    questions: FilePath | None = Field(None, description="JSON lines with a `question` each (GSM8K format): the "
+                                   "training prompts, cycled to num_samples (default: templated math)")
+    questions_range: SliceText = Field(":", description="python slice over the question file's lines "
+                                       "(\":-1000\": all but the last 1000)")
 
 
 class FitConfig(_Strict):
@@ -46,12 +75,20 @@ class FitConfig(_Strict):
     e2e_batch_tokens: int = Field(4096, gt=0, description="tokens per optimizer step (sequences are packed "
                                   "by length into batches of about this many tokens)")
     e2e_warmup: float = Field(0.02, ge=0.0, lt=1.0)
+    e2e_clip: float = Field(1.0, gt=0.0, description="clip each step's gradient to this global L2 norm")
+    e2e_samples: int | None = Field(None, gt=0, description="train end to end on a seeded subset of this many "
+                                    "training samples (default: all; the closed form always uses all)")
     capture_batch_tokens: int = Field(8192, gt=0)
 
 
 class EvalConfig(_Strict):
     max_new_tokens: int | None = Field(None, description="default: data.max_new_tokens (then the dense answers "
                                        "of the data step are reused)")
+    gsm8k: FilePath | None = Field(None, description="GSM8K-format JSON lines (`question`, `answer` ending in `#### N`)"
+                               ": a held-out split scored by exact-answer accuracy")
+    gsm8k_range: SliceText = Field(":", description="python slice over the GSM8K file's lines (\"-1000:\": "
+                                   "the last 1000)")
+    gsm8k_max_new_tokens: int = Field(512, gt=0, description="longest GSM8K answer (dense, sparse and Caprese)")
 
 
 class DistillConfig(_Strict):
@@ -83,8 +120,11 @@ class DistillConfig(_Strict):
         return getattr(torch, self.dtype)
 
 
-# Fields that may change between runs on one directory without invalidating finished steps.
-VOLATILE_FIELDS = ("device", "run_dir")
+# Fields that may change between runs on one directory without invalidating finished steps: the
+# evaluation's settings too (its results are cached per adapter and settings, and the GSM8K split is
+# regenerated when its file, range or length limit change: distill.generate.Split.source), so that one
+# fitted adapter can be scored on the dev slice, then once on the test split.
+VOLATILE_FIELDS = ("device", "run_dir", "eval")
 
 
 class DistillError(RuntimeError):
@@ -123,10 +163,36 @@ def load_config(yaml_path: Path | None, overrides: dict) -> DistillConfig:
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    source = str(yaml_path) if yaml_path else "caprese-distill flags"
+    for key, flag in (("model", "--model MODEL_DIR"), ("run_dir", "--run-dir DIR")):
+        if raw.get(key) is None:
+            raise ConfigError(f"{source}: no {key} given; pass {flag} (or set `{key}:` in a --config file)")
     try:
-        return DistillConfig.model_validate(raw)
+        config = DistillConfig.model_validate(raw)
     except ValidationError as err:
-        raise _first_error(err, str(yaml_path) if yaml_path else "caprese-distill flags") from None
+        raise _first_error(err, source) from None
+    check_question_files(config)
+    return config
+
+
+def check_question_files(config: DistillConfig) -> None:
+    """data.questions and eval.gsm8k exist and parse (rows in range, GSM8K format, eval answers with `#### N`),
+    and when both name one file their row ranges do not overlap: never train on the evaluation's rows.
+    Raises ConfigError naming the field."""
+    from distill.problems import read_question_file
+
+    d, e = config.data, config.eval
+    if d.questions is not None:
+        read_question_file(d.questions, d.questions_range, "data.questions", need_answers=False)
+    if e.gsm8k is not None:
+        read_question_file(e.gsm8k, e.gsm8k_range, "eval.gsm8k", need_answers=True)
+    if d.questions is not None and e.gsm8k is not None and d.questions.resolve() == e.gsm8k.resolve():
+        count = len(d.questions.read_text().splitlines())
+        train, dev = (set(range(count)[parse_slice(r)]) for r in (d.questions_range, e.gsm8k_range))
+        if train & dev:
+            raise ConfigError(f"data.questions_range {d.questions_range!r} and eval.gsm8k_range {e.gsm8k_range!r} "
+                              f"share {len(train & dev)} rows of {d.questions}: never train on the evaluation "
+                              "rows; pick disjoint ranges (e.g. ':-1000' and '-1000:')")
 
 
 def _known_fields(raw: dict, model: type[BaseModel]) -> dict:
@@ -159,6 +225,56 @@ def pin_config(config: DistillConfig) -> None:
                               "); resume with the same settings or pass a new --run-dir")
         return
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(mine, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(mine, indent=2) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` by rename from a temporary name unique to this process and call: a kill leaves
+    the old file or the new one, never a torn one, and two writers never share a temporary file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_TMP_IDS)}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_TMP_IDS = itertools.count()
+
+
+def save_atomic(path: Path, obj) -> None:
+    """torch.save by rename, like write_atomic (checkpoints, captured statistics)."""
+    import torch
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_TMP_IDS)}.tmp")
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RunLock:
+    """An exclusive lock on RUN_DIR/.lock (fcntl.flock) for one Pipeline's lifetime; the kernel releases it
+    when the process ends, however it ends. DistillError (one line) when another process holds it."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / ".lock"
+        self._file = open(path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "?"
+            self._file.close()
+            raise DistillError(f"{run_dir}: another caprese-distill run (pid {holder}) is using this run "
+                               "directory; wait for it to finish or pass another --run-dir") from None
+        self._file.truncate(0)
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self) -> None:
+        self._file.close()

@@ -9,8 +9,22 @@ through the sparse FF + low-rank paths). The loss compares them on the completio
                 the LM head then runs with gradients on a few thousand rows, not the whole vocabulary,
                 which for Gemma's 262K tokens is most of a step's time);
   hidden_mse+kl their sum.
-Base weights stay frozen; A and B train in float32 whatever the model's dtype. The checkpoint
-(`fit/e2e.pt`) is written after every epoch, so an interrupted run resumes at the last epoch.
+Base weights stay frozen; A and B train in float32 whatever the model's dtype, and the low-rank product
+runs in float32 (caprese_vllm.lowrank.lowrank_forward). The checkpoint (`fit/e2e.pt`) is written after
+every epoch, so an interrupted run resumes at the last epoch.
+
+Numerical guard. The bf16 fit crashed on an H200 (Qwen2.5-Coder-0.5B, 5K samples, around batch 64 of
+349) with a device-side assert in the selection's scatter, while the same run in float32 finished. The
+path from one non-finite value to that crash: a step whose loss is finite but whose gradient is not (the
+backward runs in bf16) writes NaN into A and B through Adam; on the next batch the compressed
+tokens turn NaN, and since a teacher-forced pass attends over the whole sequence at once, attention
+multiplies their NaN keys and values by zero weights (NaN * 0 = NaN) and every later layer's *prompt*
+statistic turns NaN as well; the selection of a NaN statistic returned out-of-range neuron indices
+(tests/test_e2e_guard.py replays this path on CPU). The old loop checked the loss, never the gradient.
+So: every step's gradient is clipped to `fit.e2e_clip` (global L2 norm); a step with a non-finite loss
+or gradient is skipped and counted (`e2e_skipped_steps` in the adapter's training details), and more
+than `MAX_SKIPPED_STEPS` in a row stop the fit with one error line; the low-rank product runs in float32, and the selection is
+defined for any statistic (caprese_vllm.methods.griffin), so no index can leave the layer.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ from tqdm import tqdm
 
 from caprese_vllm.adapter import CapreseAdapter
 from caprese_vllm.reference import patch_model, teacher_forcing, unpatch_model
-from distill.config import DistillConfig, DistillError
+from distill.config import DistillConfig, DistillError, save_atomic
 from distill.data import Sample, collate, length_batches
 
 
@@ -99,6 +113,8 @@ class DenseTarget:
 # Dense targets are kept across epochs while they fit in this much memory (a small model's few
 # hundred samples: ~150 MB); above it every epoch recomputes them. Same loss either way.
 TARGET_CACHE_BYTES = 2 << 30
+# Consecutive skipped (non-finite) steps after which the fit stops: the run is diverging, not unlucky.
+MAX_SKIPPED_STEPS = 10
 
 
 def _loss(kind: str, model, target: DenseTarget, hidden: torch.Tensor, kl_top: int = 0) -> torch.Tensor:
@@ -133,6 +149,10 @@ def refine_end_to_end(config: DistillConfig, model, pad_id: int, init: CapreseAd
         mlp.lowrank_a.requires_grad_(True)
         mlp.lowrank_b.requires_grad_(True)
         params += [mlp.lowrank_a, mlp.lowrank_b]
+    if fc.e2e_samples is not None and fc.e2e_samples < len(train):
+        # a fixed, seeded subset: the same samples on every epoch and on a resumed run
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))[:fc.e2e_samples]
+        train = [train[i] for i in sorted(pick.tolist())]
     batches = list(length_batches(train, fc.e2e_batch_tokens))
     hidden_size = model.config.get_text_config().hidden_size
     completion_tokens = sum(len(s.completion_ids) for s in train)
@@ -143,11 +163,12 @@ def refine_end_to_end(config: DistillConfig, model, pad_id: int, init: CapreseAd
     opt = torch.optim.Adam(params, lr=fc.e2e_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))))
-    start_epoch = 0
+    start_epoch, skipped, skipped_in_a_row = 0, 0, 0
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         start_epoch = ckpt["epochs_done"]
+        skipped = ckpt.get("skipped_steps", 0)
     try:
         for epoch in range(start_epoch, fc.e2e_epochs):
             order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(config.seed + epoch))
@@ -168,27 +189,35 @@ def refine_end_to_end(config: DistillConfig, model, pad_id: int, init: CapreseAd
                     model(**kwargs)
                     hidden = final_hidden.value[completion]
                 loss = _loss(fc.e2e_loss, model, target, hidden, fc.e2e_kl_top)
-                if not math.isfinite(loss.item()):
-                    raise DistillError(f"fit: end-to-end loss became {loss.item()} at epoch {epoch + 1}; lower "
-                                       "fit.e2e_lr and rerun (the checkpoint of the last finished epoch is kept)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, fc.e2e_clip)
+                step_ok = math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
+                if step_ok:
+                    opt.step()
+                    skipped_in_a_row = 0
+                else:  # never let a non-finite gradient into A and B (see the module docstring)
+                    skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+                    tqdm.write(f"fit: end-to-end step skipped: loss {loss.item():.4g}, gradient norm "
+                               f"{grad_norm.item():.4g} (non-finite; {skipped} skipped so far)")
+                    if skipped_in_a_row > MAX_SKIPPED_STEPS:
+                        raise DistillError(f"fit: {skipped_in_a_row} end-to-end steps in a row had a non-finite "
+                                           f"loss or gradient at epoch {epoch + 1}; lower fit.e2e_lr or use "
+                                           "--dtype float32 and rerun (the last finished epoch is kept)")
                 sched.step()
-                bar.set_postfix(loss=f"{loss.item():.4g}")
-            state = {"epochs_done": epoch + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                bar.set_postfix(loss=f"{loss.item():.4g}", skipped=skipped)
+            state = {"epochs_done": epoch + 1, "skipped_steps": skipped, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "lowrank_a": {m.layer: m.lowrank_a.detach().cpu().clone() for m in runtime.mlps},
                      "lowrank_b": {m.layer: m.lowrank_b.detach().cpu().clone() for m in runtime.mlps}}
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            tmp.replace(ckpt_path)
+            save_atomic(ckpt_path, state)
         lowrank_a = {m.layer: m.lowrank_a.detach().cpu().clone() for m in runtime.mlps}
         lowrank_b = {m.layer: m.lowrank_b.detach().cpu().clone() for m in runtime.mlps}
     finally:
         final_hidden.remove()
         unpatch_model(model)
     details = {**init.manifest.training.details, "e2e_loss": fc.e2e_loss, "e2e_epochs": fc.e2e_epochs,
-               "e2e_lr": fc.e2e_lr, "e2e_kl_top": fc.e2e_kl_top}
+               "e2e_lr": fc.e2e_lr, "e2e_kl_top": fc.e2e_kl_top, "e2e_clip": fc.e2e_clip,
+               "e2e_samples": len(train), "e2e_skipped_steps": skipped}
     training = init.manifest.training.model_copy(update={"details": details})
     return CapreseAdapter(manifest=init.manifest.model_copy(update={"training": training}),
                           lowrank_a=lowrank_a, lowrank_b=lowrank_b)

@@ -1,12 +1,14 @@
-"""Step 3: score dense / sparse method / sparse + Caprese on held-out math and language prompts.
+"""Step 3: score dense / sparse method / sparse + Caprese on held-out math, language and GSM8K prompts.
 
 Teacher-forced (on the dense model's own greedy answers, at the positions that run compressed):
   agreement  fraction of positions whose argmax equals the dense model's argmax
   kl         mean KL(dense || variant) of the next-token distributions
 Free generation (greedy, served by vLLM: dense, with a sparse-only adapter, with the adapter):
-  accuracy   exact final-number answer (math)
-  length     mean number of generated tokens
-Results per variant and split are saved as `eval/{variant}.json` when done (resume point).
+  accuracy   exact final answer (math, GSM8K: `problems.extract_answer` against the gold number)
+  length     mean number of generated tokens (the end token excluded)
+  truncation fraction of answers stopped by the length limit (vLLM finish_reason "length")
+Results are cached under `eval/` (teacher_forced.json, generate_{variant}.json: the resume points) for
+one adapter and one set of held-out splits (`eval/key.json`): a refit or other splits start afresh.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from caprese_vllm.adapter import CapreseAdapter
 from caprese_vllm.adapter.manifest import LowRankInfo, TrainingInfo
 from caprese_vllm.methods import MethodSpec
 from caprese_vllm.reference import patch_model, teacher_forcing, unpatch_model
-from distill.config import DistillConfig
+from distill.config import DistillConfig, write_atomic
 from distill.data import Sample, collate, length_batches
 from distill.e2e import FinalHidden, chunked_log_probs
 from distill.generate import answer_with_vllm
@@ -92,29 +94,72 @@ def _sparse_only(adapter: CapreseAdapter) -> CapreseAdapter:
 
 
 def score(answers: dict[str, list[dict]], heldout: dict[str, list[Sample]], eos_ids: set[int]) -> dict:
-    """Mean length (tokens before the end token) and, for math, exact-answer accuracy."""
+    """{split: {length, truncation, num_prompts[, accuracy]}}: mean tokens before the end token, the fraction
+    of answers cut by the length limit, and exact-answer accuracy where the samples have answers (math)."""
     result = {}
     for split, samples in heldout.items():
         rows = answers[split]
         lengths = [sum(1 for t in row["completion_ids"] if t not in eos_ids) for row in rows]
-        entry = {"length": sum(lengths) / len(lengths), "num_prompts": len(samples)}
-        if split == "math":
+        truncated = [row.get("finish_reason") == "length" for row in rows]
+        entry = {"length": sum(lengths) / len(lengths), "truncation": sum(truncated) / len(rows),
+                 "num_prompts": len(samples)}
+        if any(s.answer is not None for s in samples):
             correct = [extract_answer(row["text"]) == s.answer for row, s in zip(rows, samples, strict=True)]
             entry["accuracy"] = sum(correct) / len(correct)
         result[split] = entry
     return result
 
 
+def generation_limits(config: DistillConfig, splits) -> dict[str, tuple[int, int]]:
+    """{split: (max new tokens of its dense answers in the data step, of the evaluation's answers)}: GSM8K
+    uses eval.gsm8k_max_new_tokens for both; the other splits data.max_new_tokens, then eval.max_new_tokens."""
+    data, e = config.data.max_new_tokens, config.eval
+    return {split: (e.gsm8k_max_new_tokens,) * 2 if split == "gsm8k" else (data, e.max_new_tokens or data)
+            for split in splits}
+
+
+def _reset_cache(eval_dir: Path, key: dict, adapter_dir: Path) -> None:
+    """Empty eval_dir unless its results were made for `key` (adapter digest, splits, limits), then pin it.
+    Results of a run made before keys existed are kept if none is older than the adapter."""
+    import shutil
+
+    path = eval_dir / "key.json"
+    if path.exists() and json.loads(path.read_text()) == key:
+        return
+    made = (adapter_dir / "caprese.json").stat().st_mtime
+    cached = list(eval_dir.glob("*.json")) if eval_dir.exists() else []
+    if not path.exists() and cached and all(f.stat().st_mtime >= made for f in cached):
+        _write(path, key)
+        return
+    if eval_dir.exists():
+        print(f"eval: {eval_dir} holds results of another adapter or other splits; starting afresh", flush=True)
+        shutil.rmtree(eval_dir)
+    eval_dir.mkdir(parents=True)
+    _write(path, key)
+
+
+def adapter_digest(adapter: CapreseAdapter) -> str:
+    """The adapter's identity: its manifest's and tensors' sha256 as written by save()."""
+    integrity = adapter.manifest.integrity
+    if integrity is None:
+        return "manifest:" + adapter.manifest.content_sha256()
+    return f"{integrity.manifest_sha256}:{integrity.tensors_sha256}"
+
+
 def run_evaluation(config: DistillConfig, model_dir: Path, model, eval_dir: Path, heldout: dict[str, list[Sample]],
-                   adapter: CapreseAdapter, adapter_dir: Path, max_new_tokens: int, batch_tokens: int, pad_id: int,
+                   adapter: CapreseAdapter, adapter_dir: Path, batch_tokens: int, pad_id: int,
                    eos_ids: set[int]) -> dict:
     """{'teacher_forced': {split: ...}, 'generation': {variant: {split: ...}}}, each part cached in eval_dir.
 
     Free generation runs where the adapter is meant to run, in vLLM: the dense answers are the data
-    step's held-out answers (greedy, by the same engine) when their length limit is this one; the
-    sparse method and Caprese are served with the plugin (a sparse-only adapter, the adapter)."""
-    eval_dir.mkdir(parents=True, exist_ok=True)
+    step's held-out answers (greedy, by the same engine) where their length limit is the evaluation's
+    (`generation_limits`), else dense vLLM answers them; the sparse method and Caprese are served with
+    the plugin (a sparse-only adapter, the adapter), all splits in one engine start per variant."""
     heldout = {split: samples for split, samples in heldout.items() if samples}
+    limits = generation_limits(config, heldout)
+    _reset_cache(eval_dir, {"adapter": adapter_digest(adapter), "splits": {k: len(v) for k, v in heldout.items()},
+                            "max_new_tokens": {k: v[1] for k, v in limits.items()},
+                            "eval": json.loads(config.eval.model_dump_json())}, adapter_dir)
     method = adapter.manifest.method
     tf_path = eval_dir / "teacher_forced.json"
     if tf_path.exists():
@@ -130,23 +175,23 @@ def run_evaluation(config: DistillConfig, model_dir: Path, model, eval_dir: Path
         if path.exists():
             generation[variant] = json.loads(path.read_text())
             continue
-        if variant == "dense" and max_new_tokens == config.data.max_new_tokens:
-            answers = {split: [s.model_dump(include={"completion_ids", "text"}) for s in samples]
-                       for split, samples in heldout.items()}
-        else:
+        answers, todo = {}, dict(heldout)
+        if variant == "dense":  # the data step's greedy answers, where generated with the same limit
+            for split in [s for s, (data, limit) in limits.items() if data == limit]:
+                answers[split] = [s.model_dump(include={"completion_ids", "text", "finish_reason"})
+                                  for s in todo.pop(split)]
+        if todo:
             served = {"dense": None, "sparse": eval_dir / "sparse" / "adapter", "caprese": adapter_dir}[variant]
             if variant == "sparse" and not (served / "caprese.json").exists():
                 _sparse_only(adapter).save(served)
             who = variant if served is None else f"{variant} (adapter {served})"
-            answers = answer_with_vllm(config, model_dir, eval_dir / variant,
-                                       {split: (samples, 0.0) for split, samples in heldout.items()},
-                                       max_new_tokens, "eval", who, served)
+            answers |= answer_with_vllm(config, model_dir, eval_dir / variant,
+                                        {split: (samples, 0.0, limits[split][1]) for split, samples in todo.items()},
+                                        "eval", who, served)
         generation[variant] = score(answers, heldout, eos_ids)
         _write(path, generation[variant])
     return {"teacher_forced": tf, "generation": generation}
 
 
 def _write(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")

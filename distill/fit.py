@@ -18,7 +18,7 @@ from caprese_vllm.adapter import CapreseAdapter, base_info_from_model
 from caprese_vllm.adapter.manifest import CapreseManifest, LowRankInfo, TrainingInfo
 from caprese_vllm.methods import MethodSpec
 from distill.capture import LayerStats, capture_stats, load_stats, save_stats
-from distill.config import DistillConfig
+from distill.config import DistillConfig, write_atomic
 from distill.data import Sample
 from distill.rrr import closed_form, layerwise_refine
 
@@ -69,7 +69,10 @@ def fit_adapter(config: DistillConfig, model, tokenizer, method: MethodSpec, ran
 
     t0 = time.perf_counter()
     stage1_dir = fit_dir / "stage1"
-    training = TrainingInfo(num_samples=len(train), data="self-generated math (caprese-distill)",
+    source = (f"questions of {config.data.questions.name} [{config.data.questions_range}]"
+              if config.data.questions else "templated math problems")
+    training = TrainingInfo(num_samples=len(train),
+                            data=f"the model's own answers to {source} (caprese-distill)",
                             details={"stage1": "closed-form reduced-rank ridge regression", "rank": rank,
                                      "ridge": config.fit.ridge, "refine": config.fit.refine})
     if (stage1_dir / "caprese.json").exists():
@@ -104,6 +107,6 @@ def fit_adapter(config: DistillConfig, model, tokenizer, method: MethodSpec, ran
             for split, s in (("train", stats), ("heldout", stats_heldout))},
         "timings": timings,
     }
-    (fit_dir / "fit.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(fit_dir / "fit.json", json.dumps(report, indent=2) + "\n")
     final.save(final_dir)
     return final

@@ -20,9 +20,9 @@ from caprese_vllm.adapter import CapreseAdapter
 from caprese_vllm.lowrank import default_rank
 from caprese_vllm.methods import MethodSpec
 from caprese_vllm.methods.spec import default_layers
-from distill.config import DistillConfig, DistillError, pin_config
+from distill.config import DistillConfig, DistillError, RunLock, pin_config, write_atomic
 from distill.data import read_samples
-from distill.generate import generate_data, split_path
+from distill.generate import generate_data, split_is_current, split_path
 
 
 def resolve_model(name_or_dir: str) -> Path:
@@ -42,6 +42,7 @@ class Pipeline:
         self.config = config
         self.model_dir = resolve_model(config.model)
         self._model = self._tokenizer = None
+        self.lock = RunLock(config.run_dir)  # held until the process ends: one run per directory
         pin_config(config)
 
     # ---- shared pieces ---------------------------------------------------------------------
@@ -94,7 +95,7 @@ class Pipeline:
                 h.remove()
         thresholds = {i: cats_calibrate_threshold(torch.cat(v), self.config.density) for i, v in seen.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(thresholds, indent=2) + "\n")
+        write_atomic(path, json.dumps(thresholds, indent=2) + "\n")
         return thresholds
 
     def rank(self, model) -> int:
@@ -129,20 +130,22 @@ class Pipeline:
         from distill.evaluate import run_evaluation
         from distill.report import active_params, build_report, write_report
 
+        gsm8k = self.config.eval.gsm8k is not None
+        if gsm8k and not split_is_current(self.config, "gsm8k"):  # eval.* may change on a resumed run
+            self.generate()
         t0 = time.perf_counter()
         model, tokenizer = self.load_model()
         run_dir = self.config.run_dir
         adapter = CapreseAdapter.load(run_dir / "adapter")
         method = adapter.manifest.method
         heldout = {"math": read_samples(split_path(run_dir, "heldout_math")),
-                   "language": read_samples(split_path(run_dir, "heldout_language"))}
-        max_new = self.config.eval.max_new_tokens or self.config.data.max_new_tokens
+                   "language": read_samples(split_path(run_dir, "heldout_language")),
+                   "gsm8k": read_samples(split_path(run_dir, "gsm8k")) if gsm8k else []}
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos])
         evaluation = run_evaluation(self.config, self.model_dir, model, run_dir / "eval", heldout, adapter,
-                                    run_dir / "adapter", max_new, self.config.fit.capture_batch_tokens, pad_id,
-                                    eos_ids)
+                                    run_dir / "adapter", self.config.fit.capture_batch_tokens, pad_id, eos_ids)
         timings = self._record("evaluate_s", time.perf_counter() - t0)
         text = model.config.get_text_config()
         ranks = adapter.manifest.lowrank.ranks
@@ -164,5 +167,5 @@ class Pipeline:
         path = self.config.run_dir / "timings.json"
         timings = json.loads(path.read_text()) if path.exists() else {}
         timings[step] = timings.get(step, 0.0) + seconds
-        path.write_text(json.dumps(timings, indent=2) + "\n")
+        write_atomic(path, json.dumps(timings, indent=2) + "\n")
         return timings

@@ -11,10 +11,13 @@ standard library: real English prose that every machine has offline.
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 MATH_PREFIX = "Please reason step by step."
 
@@ -219,20 +222,107 @@ def language_problems(count: int, seed: int) -> list[Problem]:
     return out
 
 
-def extract_answer(text: str) -> str | None:
-    """The final number of a response (after 'answer is' when present), normalised ('1,200' -> '1200')."""
-    import re
+# A number as models write it: "-5", "1,234.50", "$18", "0.5"; a "-" after a letter or digit is not a sign.
+_NUMBER = re.compile(r"(?<![\w.])(-)?\$?(\d{1,3}(?:,\d{3})+(?!\d)|\d+)(\.\d+)?|(?<![\w.])(-)?\$?(\.\d+)")
+_BOXED = re.compile(r"\\boxed\s*\{")
+_ANSWER_IS = re.compile(r"####|answer\s*(?:is|:|=|would be|will be)", re.IGNORECASE)
 
-    lowered = text.lower()
-    tail = lowered[lowered.rfind("answer"):] if "answer" in lowered else lowered
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", tail) or re.findall(r"-?\d[\d,]*(?:\.\d+)?", lowered)
-    if not numbers:
-        return None
-    value = numbers[-1].replace(",", "").rstrip(".")
+
+def normalize_number(sign: str | None, whole: str, fraction: str | None) -> str:
+    """'-', '1,234', '.50' -> '-1234.5': commas dropped, trailing zeros and '.0' dropped, '-0' -> '0'."""
+    value = whole.replace(",", "") + (fraction or "")
     if "." in value:
+        value = value.rstrip("0").rstrip(".") or "0"
+    value = value.lstrip("0") or "0"
+    if value.startswith("."):
+        value = "0" + value
+    return value if not sign or value == "0" else f"-{value}"
+
+
+def _numbers(text: str) -> list[str]:
+    out = []
+    for m in _NUMBER.finditer(text):
+        sign, whole, fraction = (m.group(1), m.group(2), m.group(3)) if m.group(2) else (m.group(4), "0", m.group(5))
+        out.append(normalize_number(sign, whole, fraction))
+    return out
+
+
+def _boxed_contents(text: str) -> list[str]:
+    """The contents of every \\boxed{...} in order (braces balanced; an unclosed one runs to the end)."""
+    out = []
+    for m in _BOXED.finditer(text):
+        depth, start = 1, m.end()
+        for end in range(start, len(text) + 1):
+            if end == len(text) or (text[end] == "}" and depth == 1):
+                break
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+        out.append(text[start:end])
+    return out
+
+
+def extract_answer(text: str) -> str | None:
+    """A response's final answer as a normalised number (`normalize_number`), or None.
+
+    Rule (GSM8K-style responses): the first number in the last `\\boxed{...}`; else the first number after
+    the last "#### " / "answer is" / "answer:" / "answer =" (the rest of the text, e.g. "The answer is 42
+    (3 steps)." -> 42); else the last number. '$1,234.50' -> '1234.5', '12.0' -> '12', '50%' -> '50',
+    '18 dollars' -> '18'."""
+    for box in reversed(_boxed_contents(text)):
+        if numbers := _numbers(box.replace("\\$", "$").replace("{,}", ",")):
+            return numbers[0]
+    markers = list(_ANSWER_IS.finditer(text))
+    if markers and (numbers := _numbers(text[markers[-1].end():])):
+        return numbers[0]
+    numbers = _numbers(text)
+    return numbers[-1] if numbers else None
+
+
+def gold_answer(answer: str) -> str | None:
+    """The number after GSM8K's `#### ` marker, normalised like `extract_answer` ('#### 1,000' -> '1000')."""
+    _, marker, tail = answer.rpartition("####")
+    numbers = _numbers(tail) if marker else []
+    return numbers[0] if numbers else None
+
+
+def read_question_file(path: Path, rows: str, field: str, need_answers: bool) -> list[Problem]:
+    """The `rows` slice (python slice text, e.g. ":-1000") of a GSM8K-format file (JSON lines: `question`,
+    optional `answer` ending in `#### N`) as math problems prefixed with MATH_PREFIX, topic "FILE:LINE"
+    (1-based). ConfigError (one line naming `field`, the file and the line) when the file is missing, a
+    line is not such an object, the slice is empty, or, with `need_answers`, an answer has no `#### N`."""
+    from distill.config import ConfigError, parse_slice
+
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{field}: cannot read {path} ({getattr(err, 'strerror', None) or err}); pass a "
+                          "GSM8K-format JSON lines file") from None
+    problems = []
+    for line_no in range(len(lines))[parse_slice(rows)]:
+        where = f"{field}: {path}:{line_no + 1}"
         try:
-            as_float = float(value)
+            row = json.loads(lines[line_no])
         except ValueError:
-            return value
-        return str(int(as_float)) if as_float.is_integer() else value
-    return value
+            raise ConfigError(f"{where}: not a JSON object; expected one per line with a \"question\"") from None
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise ConfigError(f"{where}: no \"question\" string; expected GSM8K format "
+                              "({\"question\": ..., \"answer\": \"... #### N\"})")
+        answer = row.get("answer")
+        gold = gold_answer(answer) if isinstance(answer, str) else None
+        if need_answers and gold is None:
+            raise ConfigError(f"{where}: \"answer\" does not end in \"#### N\" (needed to score accuracy)")
+        problems.append(Problem("math", f"{path.name}:{line_no + 1}", f"{MATH_PREFIX} {row['question'].strip()}",
+                                gold))
+    if not problems:
+        raise ConfigError(f"{field}: {path}: no questions in rows [{rows}] of its {len(lines)} lines")
+    return problems
+
+
+def cycle_questions(problems: list[Problem], count: int, seed: int) -> list[Problem]:
+    """`count` prompts drawn from `problems` in passes: each pass a seeded shuffle of all of them, so every
+    question is asked ceil or floor of count / len(problems) times (several sampled answers each)."""
+    r, out = random.Random(seed), []
+    while len(out) < count:
+        order = list(problems)
+        r.shuffle(order)
+        out += order[:count - len(out)]
+    return out

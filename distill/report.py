@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from distill.config import write_atomic
 from distill.evaluate import VARIANTS
 
 
@@ -22,25 +24,31 @@ def active_params(total: int, hidden: int, intermediate: int, ranks: dict[int, i
     return {"dense": total, "sparse": total - dropped, "caprese": total - dropped + added, "lowrank": added}
 
 
+SPLITS = ("gsm8k", "math", "language")  # held-out splits, in report order
+METRICS = ("accuracy", "length", "truncation", "agreement", "kl")  # per split: free generation, teacher-forced
+HEADLINE = ("gsm8k_accuracy", "math_agreement", "math_accuracy", "gsm8k_agreement", "language_agreement")
+
+
 def build_report(meta: dict, evaluation: dict, fit: dict) -> dict:
+    """report.json: meta + results {variant: {SPLIT_METRIC: value}} + gap_recovered {SPLIT_METRIC: fraction}
+    (HEADLINE metrics; for KL the fraction of the sparse model's KL removed) + fit."""
     tf, gen = evaluation["teacher_forced"], evaluation["generation"]
     rows = {}
     for variant in VARIANTS:
         row = {}
-        for split in ("math", "language"):
+        for split in SPLITS:
             if split in tf:
                 row[f"{split}_agreement"] = tf[split][variant]["agreement"]
                 row[f"{split}_kl"] = tf[split][variant]["kl"]
-            if split in gen[variant]:
-                row[f"{split}_length"] = gen[variant][split]["length"]
-                if "accuracy" in gen[variant][split]:
-                    row[f"{split}_accuracy"] = gen[variant][split]["accuracy"]
+            for metric in ("accuracy", "length", "truncation"):
+                if metric in gen[variant].get(split, {}):
+                    row[f"{split}_{metric}"] = gen[variant][split][metric]
         rows[variant] = row
     headline = {}
-    for metric in ("math_agreement", "math_accuracy", "language_agreement"):
-        if metric in rows["dense"]:
+    for metric in HEADLINE:
+        if all(metric in rows[v] for v in VARIANTS):
             headline[metric] = gap_recovered(*(rows[v][metric] for v in VARIANTS))
-    for metric in ("math_kl", "language_kl"):
+    for metric in (f"{split}_kl" for split in SPLITS):
         if metric in rows["sparse"] and rows["sparse"][metric] > 0:
             headline[metric] = 1 - rows["caprese"][metric] / rows["sparse"][metric]
     return {**meta, "results": rows, "gap_recovered": headline, "fit": fit}
@@ -50,34 +58,46 @@ def _fmt(value, column: str = "") -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):  # lengths are token counts: one decimal
-        return f"{value:.1f}" if column.endswith("_length") or abs(value) >= 100 else f"{value:.4f}"
+        return f"{value:.1f}" if column.endswith("length") or abs(value) >= 100 else f"{value:.4f}"
     return str(value)
+
+
+def step_times(report: dict) -> dict[str, float]:
+    """Seconds per step: generate, capture, closed form, refine, evaluate (timings.json + fit.json; a step
+    resumed later counts the time of every attempt; fit.json's part times are its last fit's)."""
+    timings, fit = report["timings"], report["fit"].get("timings", {})
+    steps = {"generate": timings.get("generate_s"), "capture": fit.get("capture_s"),
+             "closed form": fit.get("closed_form_s"), "refine": fit.get("refine_s"),
+             "evaluate": timings.get("evaluate_s")}
+    return {name: seconds for name, seconds in steps.items() if seconds is not None}
 
 
 def render_markdown(report: dict) -> str:
     rows = report["results"]
-    columns = [c for c in ("math_agreement", "math_kl", "math_accuracy", "math_length", "language_agreement",
-                           "language_kl", "language_length") if c in rows["dense"]]
     params = report["active_params"]
+    names = {"dense": "dense", "sparse": report["method"], "caprese": f"{report['method']} + Caprese"}
+    heldout = ", ".join(f"{n} {k}" for k, n in report["num_heldout"].items() if n)
     lines = [
         f"# Caprese distillation report: {report['model']}",
         "",
         f"Method {report['method']} at density {report['density']} on layers {report['layers']}, rank "
-        f"{report['rank']}; {report['num_train_samples']} training samples; held-out: "
-        f"{report['num_heldout']['math']} math, {report['num_heldout'].get('language', 0)} language prompts.",
+        f"{report['rank']}; {report['num_train_samples']} training samples; held-out prompts: {heldout}.",
         f"Parameters per decode token: dense {params['dense'] / 1e6:.2f}M, {report['method']} "
         f"{params['sparse'] / 1e6:.2f}M, Caprese {params['caprese'] / 1e6:.2f}M (low-rank paths "
         f"{params['lowrank'] / 1e6:.2f}M = {100 * params['lowrank'] / params['dense']:.2f}% of the model).",
         "",
-        "Agreement / KL: teacher-forced on the dense model's greedy answers (compressed positions only). "
-        "Accuracy / length: greedy generation (length in tokens).",
-        "",
-        "| variant | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
+        "Accuracy / length / truncation: greedy generation served by vLLM (length in tokens, end token "
+        "excluded; truncation: the fraction of answers stopped by the length limit). Agreement / KL: "
+        "teacher-forced on the dense model's greedy answers (compressed positions only).",
     ]
-    names = {"dense": "dense", "sparse": report["method"], "caprese": f"{report['method']} + Caprese"}
-    for variant in VARIANTS:
-        lines.append(f"| {names[variant]} | " + " | ".join(_fmt(rows[variant].get(c), c) for c in columns) + " |")
+    for split in SPLITS:
+        columns = [m for m in METRICS if f"{split}_{m}" in rows["dense"]]
+        if not columns:
+            continue
+        lines += ["", f"**{split}**", "", "| variant | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        for variant in VARIANTS:
+            lines.append(f"| {names[variant]} | " + " | ".join(_fmt(rows[variant].get(f"{split}_{m}"), m)
+                                                              for m in columns) + " |")
     lines += ["", "**Gap recovered by Caprese** (fraction of the dense-vs-sparse gap closed; for KL: the "
               "fraction of the sparse model's KL removed):", ""]
     for metric, value in report["gap_recovered"].items():
@@ -88,8 +108,7 @@ def render_markdown(report: dict) -> str:
     for layer in errors["sparse"]:
         lines.append(f"| {layer} | {errors['sparse'][layer]:.4f} | {errors['stage1'][layer]:.4f} | "
                      f"{errors['final'][layer]:.4f} |")
-    timings = report["timings"]
-    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
+    lines += ["", "Time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in step_times(report).items()), ""]
     return "\n".join(lines)
 
 
@@ -100,13 +119,15 @@ def render_plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["results"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    metrics = [m for m in ("math_agreement", "math_accuracy", "language_agreement") if m in rows["dense"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    metrics = [m for m in ("gsm8k_accuracy", "gsm8k_truncation", "math_agreement", "math_accuracy",
+                           "language_agreement") if m in rows["dense"]]
     width = 0.8 / len(VARIANTS)
     for i, variant in enumerate(VARIANTS):
-        left.bar([j + i * width for j in range(len(metrics))], [rows[variant][m] for m in metrics], width,
+        values = [rows[variant].get(m, float("nan")) for m in metrics]  # NaN: no bar (not measured)
+        left.bar([j + i * width for j in range(len(metrics))], values, width,
                  label=variant if variant != "sparse" else report["method"])
-    left.set_xticks([j + width for j in range(len(metrics))], metrics)
+    left.set_xticks([j + width for j in range(len(metrics))], metrics, rotation=15, fontsize=8)
     left.set_ylim(0, 1.05)
     left.set_title(f"{report['model']}: held-out scores")
     left.legend()
@@ -124,6 +145,8 @@ def render_plot(report: dict, path: Path) -> None:
 
 
 def write_report(report: dict, out_dir: Path) -> None:
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(render_markdown(report))
-    render_plot(report, out_dir / "report.png")
+    png = out_dir / f".report.{os.getpid()}.png"  # atomic like the others: drawn aside, then renamed
+    render_plot(report, png)
+    png.replace(out_dir / "report.png")
+    write_atomic(out_dir / "report.md", render_markdown(report))
+    write_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")  # last: the step is done

