@@ -1,16 +1,23 @@
 """What an operator sees of the loaded adapter: one startup log line and Prometheus gauges on /metrics.
 
 vLLM exports its own metrics as `vllm:*` from the API server's Prometheus registry; ours sit
-beside them as `caprese:*`, set once in the API-server process when the adapter has been checked:
+beside them as `caprese:*`:
 
     caprese:adapter_info{adapter, base_model, method, fingerprint}  1
     caprese:density                      fraction of FF neurons kept while decoding
     caprese:compressed_layers            FF blocks that decode compressed (each with a low-rank path)
     caprese:lowrank_rank{stat="min|max"} rank of the low-rank paths
     caprese:params{kind="dense|active|lowrank"}  parameters read per decode token
+    caprese:kernels{path="triton|portable"}  1: the FF path the compressed layers run
     caprese:nonfinite_statistics_total   requests whose GRIFFIN statistic held NaN/Inf (they decode with
                                          the fallback selection); counted in the engine process(es),
                                          read at scrape time (engine/nonfinite.py)
+
+Only what an engine has actually installed is published (issue 17 item 3): the engine process, once
+the adapter's tensors are in its model (`confirm_served`), logs the summary line and writes it as
+`$CAPRESE_STATS_DIR/served-<pid>.json`; the API server's collector (`watch_engines`) exports the
+gauges from that file at scrape time. An engine that built vLLM's stock class (an architecture the
+plugin does not cover) confirms nothing, so no caprese:* gauge claims an adapter it does not serve.
 
 (A route such as GET /caprese would need vLLM's opt-in endpoint plugins, which also turn
 VLLM_PLUGINS into an allowlist for every plugin group; /metrics needs no opt-in.)
@@ -24,8 +31,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from caprese_vllm.adapter import CapreseAdapter
 from caprese_vllm.engine.nonfinite import STATS_DIR_ENV, read_total
@@ -47,6 +55,7 @@ class AdapterSummary(BaseModel):
     lowrank_params: int
     dense_params: int | None      # None when the checkpoint's size cannot be read (not a local dir)
     active_params: int | None
+    kernels: Literal["triton", "portable"]  # the FF path the compressed layers run
 
     def log_line(self) -> str:
         params = ""
@@ -55,9 +64,10 @@ class AdapterSummary(BaseModel):
                       f"{self.dense_params / 1e6:.1f}M ({100 * (1 - self.active_params / self.dense_params):.1f}% "
                       "fewer)")
         ranks = str(self.rank_min) if self.rank_min == self.rank_max else f"{self.rank_min}-{self.rank_max}"
+        path = "Triton kernels" if self.kernels == "triton" else "portable PyTorch"
         return (f"caprese: serving {self.base_model} ({self.architecture}) with adapter {self.adapter}: "
                 f"{self.method} density {self.density:g} on {self.compressed_layers}/{self.num_layers} layers, "
-                f"low-rank rank {ranks} (+{self.lowrank_params / 1e6:.2f}M params){params}")
+                f"low-rank rank {ranks} (+{self.lowrank_params / 1e6:.2f}M params){params}; FF path: {path}")
 
 
 def checkpoint_num_params(model_dir: Path) -> int | None:
@@ -79,7 +89,7 @@ def checkpoint_num_params(model_dir: Path) -> int | None:
 
 
 def summarize(adapter: CapreseAdapter, adapter_path: str, model_name: str, model_dir: Path | None,
-              density: float) -> AdapterSummary:
+              density: float, kernels: Literal["triton", "portable"]) -> AdapterSummary:
     m = adapter.manifest
     base = m.base_model
     ranks = list(m.lowrank.ranks.values()) or [0]
@@ -93,44 +103,53 @@ def summarize(adapter: CapreseAdapter, adapter_path: str, model_name: str, model
         adapter=str(adapter_path), base_model=model_name, architecture=base.architecture,
         fingerprint=base.fingerprint, method=m.method.name, density=density,
         compressed_layers=len(m.method.layers), num_layers=base.num_layers, rank_min=min(ranks),
-        rank_max=max(ranks), lowrank_params=m.extra_params(), dense_params=dense, active_params=active)
+        rank_max=max(ranks), lowrank_params=m.extra_params(), dense_params=dense, active_params=active,
+        kernels=kernels)
 
 
-_gauges: dict = {}
+_SERVED_GLOB = "served-*.json"
+_collectors: list = []
 _stats_dir: Path | None = None
 
 
-def publish(summary: AdapterSummary) -> None:
-    """Log the summary, set the caprese:* gauges and export the engine counters' directory (idempotent:
-    vLLM may build the config twice)."""
+def confirm_served(summary: AdapterSummary, stats_dir: str | Path | None = None) -> None:
+    """Engine process, once the adapter is in the model: log the summary and write it (atomically) for the API
+    server's /metrics, into `stats_dir` (default $CAPRESE_STATS_DIR; without one, the log line only)."""
     logger.info(summary.log_line())
-    stats_dir = engine_stats_dir()
-    try:
-        from prometheus_client import Gauge
-    except ImportError:  # vLLM always ships prometheus_client; without it there is no /metrics either
+    stats_dir = stats_dir or os.environ.get(STATS_DIR_ENV)
+    if not stats_dir:
         return
-    if not _gauges:
-        _gauges["info"] = Gauge("caprese:adapter_info", "Caprese adapter being served (value 1)",
-                                ["adapter", "base_model", "method", "fingerprint"])
-        _gauges["density"] = Gauge("caprese:density", "Fraction of FF neurons kept while decoding")
-        _gauges["layers"] = Gauge("caprese:compressed_layers", "FF blocks decoding compressed")
-        _gauges["rank"] = Gauge("caprese:lowrank_rank", "Rank of the low-rank paths", ["stat"])
-        _gauges["params"] = Gauge("caprese:params", "Parameters read per decode token", ["kind"])
-    _gauges["info"].clear()
-    _gauges["info"].labels(summary.adapter, summary.base_model, summary.method, summary.fingerprint).set(1)
-    _gauges["density"].set(summary.density)
-    _gauges["layers"].set(summary.compressed_layers)
-    _gauges["rank"].labels("min").set(summary.rank_min)
-    _gauges["rank"].labels("max").set(summary.rank_max)
-    _gauges["params"].labels("lowrank").set(summary.lowrank_params)
-    if summary.dense_params is not None:
-        _gauges["params"].labels("dense").set(summary.dense_params)
-        _gauges["params"].labels("active").set(summary.active_params)
-    if "nonfinite" not in _gauges:
+    path = Path(stats_dir) / f"served-{os.getpid()}.json"
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(summary.model_dump_json())
+        tmp.replace(path)
+    except OSError as err:  # the front-end's directory is gone: it is shutting down
+        logger.warning("caprese: cannot publish the adapter summary to %s: %s", stats_dir, err)
+
+
+def read_served(stats_dir: str | Path) -> AdapterSummary | None:
+    """The newest summary an engine process confirmed, None before any did (torn or foreign files skipped)."""
+    for path in sorted(Path(stats_dir).glob(_SERVED_GLOB), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            return AdapterSummary.model_validate_json(path.read_text())
+        except (OSError, ValidationError):
+            continue
+    return None
+
+
+def watch_engines() -> Path:
+    """API-server process, before the engines start: make the directory they confirm into and register the
+    caprese:* collectors on prometheus_client's default registry, which vLLM's /metrics serves (once per
+    process: vLLM may build the config twice). Returns the directory."""
+    stats_dir = engine_stats_dir()
+    if not _collectors:
         from prometheus_client import REGISTRY
 
-        _gauges["nonfinite"] = NonfiniteCollector(stats_dir)
-        REGISTRY.register(_gauges["nonfinite"])
+        _collectors.extend([ServedCollector(stats_dir), NonfiniteCollector(stats_dir)])
+        for collector in _collectors:
+            REGISTRY.register(collector)
+    return stats_dir
 
 
 def engine_stats_dir() -> Path:
@@ -142,6 +161,42 @@ def engine_stats_dir() -> Path:
         atexit.register(shutil.rmtree, _stats_dir, ignore_errors=True)
     os.environ[STATS_DIR_ENV] = str(_stats_dir)
     return _stats_dir
+
+
+class ServedCollector:
+    """The caprese:* gauges of the adapter an engine confirmed serving, read at scrape time; none before."""
+
+    def __init__(self, stats_dir: Path):
+        self.stats_dir = stats_dir
+
+    def describe(self):
+        return []  # no describe-time collect(): the value is read only when /metrics is scraped
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        s = read_served(self.stats_dir)
+        if s is None:
+            return
+        info = GaugeMetricFamily("caprese:adapter_info", "Caprese adapter being served (value 1)",
+                                 labels=["adapter", "base_model", "method", "fingerprint"])
+        info.add_metric([s.adapter, s.base_model, s.method, s.fingerprint], 1)
+        yield info
+        yield GaugeMetricFamily("caprese:density", "Fraction of FF neurons kept while decoding", value=s.density)
+        yield GaugeMetricFamily("caprese:compressed_layers", "FF blocks decoding compressed", value=s.compressed_layers)
+        rank = GaugeMetricFamily("caprese:lowrank_rank", "Rank of the low-rank paths", labels=["stat"])
+        rank.add_metric(["min"], s.rank_min)
+        rank.add_metric(["max"], s.rank_max)
+        yield rank
+        params = GaugeMetricFamily("caprese:params", "Parameters read per decode token", labels=["kind"])
+        params.add_metric(["lowrank"], s.lowrank_params)
+        if s.dense_params is not None:
+            params.add_metric(["dense"], s.dense_params)
+            params.add_metric(["active"], s.active_params)
+        yield params
+        kernels = GaugeMetricFamily("caprese:kernels", "FF path of the compressed layers (value 1)", labels=["path"])
+        kernels.add_metric([s.kernels], 1)
+        yield kernels
 
 
 class NonfiniteCollector:

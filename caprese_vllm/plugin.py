@@ -7,8 +7,12 @@ arguments are known. When `--additional-config` holds `caprese_adapter`, that wr
   - validates the Caprese settings and the adapter before anything starts (one clear error line);
   - turns prefix caching off (a cache hit would skip prompt tokens whose FF activations GRIFFIN's
     selection needs), with a log line saying so;
+  - refuses a model whose class would not be Caprese's (`check_architecture`): vLLM would build its
+    stock class and serve the dense model under the adapter's name;
   - registers the Caprese model classes over vLLM's Llama/Gemma2/Gemma3/Qwen2 classes and sets
-    CAPRESE_ACTIVE=1 so the engine processes it spawns register them too.
+    CAPRESE_ACTIVE=1 so the engine processes it spawns register them too;
+  - logs the FF path that will run (`resolve_kernels`) and sets up the caprese:* gauges, which show
+    only what an engine confirms it installed (observability.py).
 Without an adapter nothing is registered and vLLM runs exactly as it would without this package.
 """
 
@@ -113,18 +117,33 @@ def _create_engine_config_single_threaded(original, engine_args, *args, **kwargs
     engine_args.enable_prefix_caching = False
     vllm_config = original(engine_args, *args, **kwargs)
 
-    from caprese_vllm.engine.install import fingerprint_source, load_checked_adapter
-    from caprese_vllm.observability import publish, summarize
+    from caprese_vllm.engine.install import load_checked_adapter
+    from caprese_vllm.observability import watch_engines
 
+    check_architecture(vllm_config)
     adapter = load_checked_adapter(serve, vllm_config, adapter)  # sizes and weight fingerprint vs. the model
     resolve_kernels(serve, vllm_config, adapter.manifest.method.name)
     os.environ[ACTIVE_ENV] = "1"
     register_models()
-    name = vllm_config.model_config.served_model_name or vllm_config.model_config.model
-    name = name[0] if isinstance(name, (list, tuple)) else name
-    publish(summarize(adapter, str(serve.adapter), str(name), fingerprint_source(vllm_config),
-                      adapter.manifest.method.density))
+    watch_engines()  # before the engines start: they inherit its directory and confirm what they installed
     return vllm_config
+
+
+def check_architecture(vllm_config) -> None:
+    """Raise AdapterError (one line) unless vLLM will build one of the Caprese classes for this model: the
+    architecture it resolved must be one of ARCHITECTURES and not replaced by a model_class_overrides
+    entry. Otherwise (MistralForCausalLM, the Transformers backend, ...) vLLM builds a class this plugin
+    never touches and serves the dense model while an adapter is configured (issue 17 item 3)."""
+    from caprese_vllm.adapter import AdapterError
+
+    model_config = vllm_config.model_config
+    arch = getattr(model_config, "architecture", None) or model_config.architectures[0]
+    if arch not in ARCHITECTURES:
+        raise AdapterError(f"caprese: {model_config.model} runs as {arch} in vLLM, which Caprese does not cover "
+                           f"(supported: {', '.join(sorted(ARCHITECTURES))}); serve it without an adapter")
+    if arch in (getattr(model_config, "model_class_overrides", None) or {}):
+        raise AdapterError(f"caprese: model_class_overrides replaces the class of {arch}, which Caprese needs "
+                           "its own; drop that override or the adapter")
 
 
 def resolve_kernels(serve, vllm_config, method: str) -> bool:
@@ -147,6 +166,9 @@ def resolve_kernels(serve, vllm_config, method: str) -> bool:
     if serve.kernels == "on" and why_not:
         raise ValueError(f"--additional-config caprese_kernels=on: {why_not}; use \"auto\" or \"off\"")
     use = serve.kernels != "off" and why_not is None
+    reason = f": the kernels {why_not.removeprefix('they ')}" if serve.kernels == "auto" and why_not else ""
+    logger.info("caprese: FF path: %s (caprese_kernels=%s%s)", "Triton kernels" if use else "portable PyTorch",
+                serve.kernels, reason)  # the engine's summary line and caprese:kernels{path} say it again
     if isinstance(vllm_config.additional_config, dict):
         vllm_config.additional_config["caprese_kernels"] = "on" if use else "off"
     return use

@@ -231,6 +231,93 @@ def test_density_that_keeps_no_neuron_is_refused(adapter_dir):
     refuse(adapter_dir, MANIFEST_FILE, "method.density 0.0005 keeps int(1536 * 0.0005) = 0", "density >= 0.000652")
 
 
+def test_served_tensors_are_the_bytes_read_not_the_file(adapter_dir):
+    """Issue 17 item 4: tensors were memory-mapped, so rewriting the file in place after validation changed
+    what would be copied into the model (NaN here), unchecked. Loading now keeps its own copy."""
+    loaded = CapreseAdapter.load(adapter_dir)
+    before = loaded.lowrank_b[2].clone()
+    path = adapter_dir / TENSORS_FILE
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # in place: same inode, same size, the last tensor's payload turned to NaN
+        f.seek(size - 4 * before.numel())
+        f.write(torch.full((before.numel(),), float("nan")).numpy().tobytes())
+    assert torch.equal(loaded.lowrank_b[2], before)
+    refuse(adapter_dir, TENSORS_FILE, "integrity.tensors_sha256")  # a fresh load sees the new bytes, and refuses
+
+
+def test_truncating_the_file_after_loading_leaves_the_loaded_tensors(adapter_dir):
+    """Issue 17 item 4: with memory-mapped tensors, truncating the file killed the process with SIGBUS
+    when they were read; run in a child so that the failure it guards against cannot take pytest down."""
+    import subprocess
+    import sys
+
+    original = CapreseAdapter.load(adapter_dir)
+    out = adapter_dir.parent / "after_truncation.safetensors"
+    script = ("import sys\nfrom safetensors.torch import save_file\nfrom caprese_vllm.adapter import CapreseAdapter\n"
+              "a = CapreseAdapter.load(sys.argv[1])\n"
+              f"open(sys.argv[1] + '/{TENSORS_FILE}', 'r+b').truncate(100)\n"
+              "save_file({f'a{i}': t for i, t in a.lowrank_a.items()} | {f'b{i}': t for i, t in a.lowrank_b.items()}, "
+              "sys.argv[2])\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(adapter_dir), str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])  # before: -7 (SIGBUS)
+    after = load_file(str(out))
+    for layer in original.lowrank_a:
+        assert torch.equal(after[f"a{layer}"], original.lowrank_a[layer])
+        assert torch.equal(after[f"b{layer}"], original.lowrank_b[layer])
+
+
+def test_huge_manifest_is_refused_before_parsing(adapter_dir):
+    """Issue 17 item 12: the whole file was read and parsed (MemoryError for a large enough one)."""
+    edit_manifest(adapter_dir, training__data="x" * (2 << 20))
+    refuse(adapter_dir, MANIFEST_FILE, "larger than 1 MiB")
+
+
+def test_deeply_nested_manifest_is_refused_before_parsing(adapter_dir):
+    """Issue 17 item 12: json.loads raised RecursionError (a traceback, not one line)."""
+    edit_manifest(adapter_dir)
+    path = adapter_dir / MANIFEST_FILE
+    path.write_text(path.read_text().replace('"details": {}', '"details": ' + "[" * 100_000 + "]" * 100_000))
+    refuse(adapter_dir, MANIFEST_FILE, "nested 100002 levels deep (at most 32)")
+
+
+def test_tensors_file_larger_than_its_manifest_allows_is_refused_before_reading(adapter_dir):
+    path = adapter_dir / TENSORS_FILE
+    with open(path, "ab") as f:
+        f.write(bytes(2 << 20))
+    refuse(adapter_dir, TENSORS_FILE, "more than the", "bytes that caprese.json lowrank.ranks and dtype allow")
+
+
+def test_density_override_on_a_cats_adapter_is_refused():
+    """Issue 17 item 10: CATS thresholds fix the density, so the override changed nothing, yet it was logged
+    and exported as applied."""
+    from caprese_vllm.engine.config import CapreseServeConfig
+
+    serve = CapreseServeConfig.from_additional_config({"caprese_adapter": "/a", "caprese_density": 0.3})
+    serve.check_applies("griffin")
+    with pytest.raises(ValueError) as err:
+        serve.check_applies("cats")
+    assert str(err.value) == ("--additional-config caprese_density=0.3: applies to GRIFFIN adapters only (CATS "
+                              "thresholds are fitted at the adapter's density), and /a is cats; drop "
+                              "--caprese-density, or distil an adapter at that density")
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"caprese_adapter": ""}, "--additional-config caprese_adapter: Value error, empty: name the adapter directory"),
+    ({"caprese_adapter": "  "}, "--additional-config caprese_adapter: Value error, empty"),
+    ({"caprese-adapter": "/a"}, "--additional-config caprese-adapter: not a Caprese setting; did you mean "
+                                "caprese_adapter?"),
+    ({"caprese_adapter": "/a", "Caprese_Density": 0.4}, "did you mean caprese_density?"),
+])
+def test_empty_or_misspelled_settings_are_refused(config, message):
+    """Issue 17 item 9: an empty path loaded the current directory; a dash-spelled key was silently ignored."""
+    from caprese_vllm.engine.config import CapreseServeConfig
+
+    with pytest.raises(ValueError) as err:
+        CapreseServeConfig.from_additional_config(config)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
 def _with_large_value(adapter_dir):
     def enlarge(t):
         t["layers.1.lowrank_a"][0, 0] = 1e5  # finite in float32 and bfloat16, Inf in float16

@@ -6,12 +6,21 @@ version, tensor set, shapes, dtypes, finiteness) and, against a base model, ever
 field and (check_dtype) finiteness in the dtype it is served in; each failure is one `AdapterError`
 line naming the file and field or tensor, and the fix. Tensors are read onto the CPU whatever
 torch's default device (vLLM builds models under CUDA's).
+
+Each file is read once, into memory, and everything is checked on and loaded from that copy (issue 17
+item 4): the digest in `integrity` is of the bytes read, and the tensors own their memory, so rewriting
+or truncating the files after loading changes nothing served (a memory map would serve the new bytes
+unchecked, or die of SIGBUS). Reads are bounded (item 12): `caprese.json` up to MAX_MANIFEST_BYTES and
+MAX_MANIFEST_DEPTH levels of nesting, checked before parsing; `adapter.safetensors` up to the size its
+manifest's ranks imply plus MAX_HEADER_BYTES.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +32,9 @@ from caprese_vllm.adapter.manifest import (
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_MANIFEST_BYTES = 1 << 20      # a real caprese.json is a few KiB
+MAX_MANIFEST_DEPTH = 32           # nesting of objects/arrays; a real one has 4
+MAX_HEADER_BYTES = 1 << 20        # safetensors JSON header allowance above the tensors' payload
 
 
 class AdapterError(ValueError):
@@ -69,10 +81,12 @@ class CapreseAdapter:
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> CapreseAdapter:
         directory = Path(directory)
         manifest = load_manifest(directory)
+        path = directory / TENSORS_FILE
+        data = _read_tensors_file(path, manifest)  # the one read: tensors and digest both come from it
         with torch.device("cpu"):
-            tensors = _load_tensors(directory / TENSORS_FILE)
-        _check_tensors_digest(directory / TENSORS_FILE, manifest)
-        lowrank_a, lowrank_b = _check_tensors(directory / TENSORS_FILE, manifest, tensors)
+            tensors = _parse_tensors(path, data)
+        _check_tensors_digest(path, manifest, data)
+        lowrank_a, lowrank_b = _check_tensors(path, manifest, tensors)
         return cls(manifest=manifest, lowrank_a={k: v.to(device) for k, v in lowrank_a.items()},
                    lowrank_b={k: v.to(device) for k, v in lowrank_b.items()})
 
@@ -105,15 +119,33 @@ def load_manifest(directory: Path) -> CapreseManifest:
         raise AdapterError(f"{directory}: adapter directory does not exist or is not a directory; "
                            "pass the folder that holds caprese.json and adapter.safetensors")
     try:
-        raw = json.loads(path.read_text())
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)  # bounded: a huge file is refused, never read whole
     except FileNotFoundError:
         raise AdapterError(f"{path}: missing; an adapter directory needs {MANIFEST_FILE} and "
                            f"{TENSORS_FILE}") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise AdapterError(f"{path}: unreadable ({err}); check the file's permissions") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise AdapterError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB (an adapter manifest is a few KiB): "
+                           "not a caprese.json; copy the adapter again")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as err:
+        raise AdapterError(f"{path}: not valid JSON (not UTF-8: {err.reason} at byte {err.start}); the file is "
+                           "corrupt: copy it again") from None
+    depth = json_depth(text)
+    if depth > MAX_MANIFEST_DEPTH:
+        raise AdapterError(f"{path}: JSON nested {depth} levels deep (at most {MAX_MANIFEST_DEPTH}): not a "
+                           "caprese.json; copy the adapter again")
+    try:
+        raw = json.loads(text)
     except json.JSONDecodeError as err:
         raise AdapterError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); the file is "
                            "truncated or corrupt: copy it again") from None
+    except ValueError as err:  # e.g. an integer literal beyond Python's 4300-digit limit
+        raise AdapterError(f"{path}: not valid JSON ({str(err).splitlines()[0]}); the file is corrupt: "
+                           "copy it again") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{path}: expected a JSON object at the top level")
     version = raw.get("format_version")
@@ -134,6 +166,23 @@ def load_manifest(directory: Path) -> CapreseManifest:
     return manifest
 
 
+# A JSON string, or an unterminated one up to the end: every match succeeds, so the scan stays linear.
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\(?:.|\Z))*(?:"|\Z)', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of objects and arrays in JSON `text` (brackets inside strings ignored), in linear time
+    and without recursion: json.loads raises RecursionError on deep input, and pydantic recurses again."""
+    import numpy as np
+
+    brackets = np.frombuffer(_NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode(), dtype=np.uint8)
+    if brackets.size == 0:
+        return 0
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return max(0, int(np.cumsum(steps).max()))
+
+
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -142,27 +191,43 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_tensors_digest(path: Path, manifest: CapreseManifest) -> None:
-    if manifest.integrity is None:
-        return
+def _read_tensors_file(path: Path, manifest: CapreseManifest) -> bytes:
+    """The file's bytes, read once; refused when longer than the manifest's tensors need (plus a header)."""
+    itemsize = _DTYPES[manifest.lowrank.dtype].itemsize
+    limit = sum(2 * manifest.base_model.hidden_size * r * itemsize for r in manifest.lowrank.ranks.values())
+    limit += MAX_HEADER_BYTES
+    if not path.is_file():
+        raise AdapterError(f"{path}: missing; an adapter directory needs {MANIFEST_FILE} and {TENSORS_FILE}")
     try:
-        actual = _file_sha256(path)
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
     except OSError as err:
         raise AdapterError(f"{path}: unreadable ({err.strerror}); check the file's permissions") from None
+    if len(data) > limit:
+        raise AdapterError(f"{path}: more than the {limit} bytes that {MANIFEST_FILE} lowrank.ranks and dtype allow "
+                           "(tensors plus a 1 MiB header): not this adapter's tensors; copy the adapter again")
+    return data
+
+
+def _check_tensors_digest(path: Path, manifest: CapreseManifest, data: bytes) -> None:
+    if manifest.integrity is None:
+        return
+    actual = hashlib.sha256(data).hexdigest()
     if actual != manifest.integrity.tensors_sha256:
         raise AdapterError(f"{path}: sha256 {actual[:12]}... differs from {MANIFEST_FILE} "
                            f"integrity.tensors_sha256 {manifest.integrity.tensors_sha256[:12]}...: the file is "
                            "corrupt or from another export; copy the adapter again")
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _parse_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
+    """Tensors that own their memory (cloned out of `data`'s read-only buffers), on the CPU."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    if not path.is_file():
-        raise AdapterError(f"{path}: missing; an adapter directory needs {MANIFEST_FILE} and {TENSORS_FILE}")
     try:
-        return load_file(str(path))
+        with warnings.catch_warnings():  # torch.frombuffer on read-only bytes; cloned right away
+            warnings.simplefilter("ignore", UserWarning)
+            return {name: t.clone() for name, t in load(data).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise AdapterError(f"{path}: not a readable safetensors file ({reason}); the file is truncated "

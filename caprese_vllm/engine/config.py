@@ -3,7 +3,10 @@
     vllm serve MODEL --additional-config '{"caprese_adapter": "/path/to/adapter"}'
 
 Every `caprese_*` key is validated here; without `caprese_adapter` the plugin changes nothing.
-Method and density come from the adapter's manifest unless overridden.
+Method and density come from the adapter's manifest unless overridden. Nothing set is ignored
+(issue 17 items 9, 10): a key that looks like ours but is spelled otherwise (`caprese-adapter`,
+`Caprese_density`) is refused, as are an empty adapter path and settings the adapter's method has no
+use for (`check_applies`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PREFIX = "caprese_"
 
@@ -30,8 +33,22 @@ class CapreseServeConfig(BaseModel):
         default="auto", description="GPU Triton kernels for GRIFFIN layers; auto = on where they apply "
                                     "(CUDA, unquantized weights), off = the portable PyTorch path")
 
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _named(cls, value):
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty: name the adapter directory (the folder holding caprese.json)")
+        return value
+
     @classmethod
     def from_additional_config(cls, additional_config: dict | None) -> CapreseServeConfig | None:
+        """The settings in vLLM's additional_config, None without caprese_adapter. Raises ValueError (one
+        line naming the key) for a bad value, an unknown caprese_* key or a misspelled prefix."""
+        for key in additional_config or {}:
+            if str(key).lower().startswith("caprese") and not str(key).startswith(PREFIX):
+                fixed = PREFIX + str(key)[len(PREFIX):].replace("-", "_").lower()
+                raise ValueError(f"--additional-config {key}: not a Caprese setting; did you mean {fixed}? "
+                                 "(keys are spelled with underscores, e.g. caprese_adapter)")
         ours = {k[len(PREFIX):]: v for k, v in (additional_config or {}).items() if k.startswith(PREFIX)}
         if "adapter" not in ours:
             if ours:
@@ -44,3 +61,11 @@ class CapreseServeConfig(BaseModel):
             first = err.errors()[0]
             key = PREFIX + ".".join(str(p) for p in first["loc"])
             raise ValueError(f"--additional-config {key}: {first['msg']}") from None
+
+    def check_applies(self, method: str) -> None:
+        """Refuse settings the adapter's method would ignore: a density override changes GRIFFIN's k, but a
+        CATS adapter's thresholds were fitted for its density (a new density needs new thresholds)."""
+        if self.density is not None and method != "griffin":
+            raise ValueError(f"--additional-config caprese_density={self.density:g}: applies to GRIFFIN adapters "
+                             f"only (CATS thresholds are fitted at the adapter's density), and {self.adapter} is "
+                             f"{method}; drop --caprese-density, or distil an adapter at that density")

@@ -1,4 +1,9 @@
-"""Put Caprese into a vLLM model right after vLLM built it, and load the adapter's tensors."""
+"""Put Caprese into a vLLM model right after vLLM built it, and load the adapter's tensors.
+
+The engine process loads the adapter itself (one read of each file into memory, checked there:
+adapter/checkpoint.py) and, once its tensors are in the model, confirms what it serves
+(observability.confirm_served: the summary log line and the API server's caprese:* gauges).
+"""
 
 from __future__ import annotations
 
@@ -63,6 +68,7 @@ def load_checked_adapter(serve: CapreseServeConfig, vllm_config,
                                "adapter's fingerprint; pass a local model directory")
         fingerprint = fingerprint_checkpoint(source, num_layers)
     adapter.check_base(base_info_from_config(hf_config, fingerprint), source=str(vllm_config.model_config.model))
+    serve.check_applies(adapter.manifest.method.name)
     if serve.density is not None and serve.density != adapter.manifest.method.density:
         logger.warning("caprese: density overridden %.3f -> %.3f; the adapter was distilled at %.3f",
                        adapter.manifest.method.density, serve.density, adapter.manifest.method.density)
@@ -114,6 +120,27 @@ def install_caprese(model: nn.Module, vllm_config) -> None:
                 "(+%.2fM params)", serve.adapter, base.architecture, manifest.method.name, manifest.method.density,
                 len(manifest.method.layers), base.num_layers, sorted(set(manifest.lowrank.ranks.values())),
                 manifest.extra_params() / 1e6)
+    model._caprese_summary = _summary(model, serve, vllm_config)
+    if str(getattr(vllm_config.load_config, "load_format", "auto")) == "dummy":
+        _confirm(model)  # no weights are loaded into the model (random values, by request): installed now
+
+
+def _summary(model: nn.Module, serve: CapreseServeConfig, vllm_config):
+    """The operator's view (observability.AdapterSummary) of what this model runs, FF path included."""
+    from caprese_vllm.observability import summarize
+
+    mlps = [m for m in model.modules() if isinstance(m, CapreseMLP)]
+    name = vllm_config.model_config.served_model_name or vllm_config.model_config.model
+    name = name[0] if isinstance(name, (list, tuple)) else name
+    adapter = model._caprese_adapter
+    return summarize(adapter, str(serve.adapter), str(name), fingerprint_source(vllm_config),
+                     adapter.manifest.method.density, "triton" if any(m.use_kernels for m in mlps) else "portable")
+
+
+def _confirm(model: nn.Module) -> None:
+    from caprese_vllm.observability import confirm_served
+
+    confirm_served(model._caprese_summary)
 
 
 def load_adapter_weights(model: nn.Module) -> set[str]:
@@ -134,4 +161,7 @@ def load_adapter_weights(model: nn.Module) -> set[str]:
 
 def caprese_load_weights(model: nn.Module, base_load_weights, weights: Iterable[tuple[str, torch.Tensor]]):
     loaded = base_load_weights(weights)
-    return (set(loaded) if loaded is not None else set()) | load_adapter_weights(model)
+    loaded = (set(loaded) if loaded is not None else set()) | load_adapter_weights(model)
+    if getattr(model, "_caprese_adapter", None) is not None:
+        _confirm(model)  # the adapter is in the model: now the operator may be told so
+    return loaded
