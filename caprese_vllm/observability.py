@@ -163,14 +163,18 @@ def engine_stats_dir() -> Path:
     return _stats_dir
 
 
-class ServedCollector:
-    """The caprese:* gauges of the adapter an engine confirmed serving, read at scrape time; none before."""
+class _ScrapeTimeCollector:
+    """A Prometheus collector whose values are read from the engine processes' files in `stats_dir`."""
 
     def __init__(self, stats_dir: Path):
         self.stats_dir = stats_dir
 
     def describe(self):
         return []  # no describe-time collect(): the value is read only when /metrics is scraped
+
+
+class ServedCollector(_ScrapeTimeCollector):
+    """The caprese:* gauges of the adapter an engine confirmed serving, read at scrape time; none before."""
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
@@ -199,14 +203,8 @@ class ServedCollector:
         yield kernels
 
 
-class NonfiniteCollector:
+class NonfiniteCollector(_ScrapeTimeCollector):
     """`caprese:nonfinite_statistics_total`, summed over the engine processes' files at scrape time."""
-
-    def __init__(self, stats_dir: Path):
-        self.stats_dir = stats_dir
-
-    def describe(self):
-        return []  # no describe-time collect(): the value is read only when /metrics is scraped
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily
