@@ -32,8 +32,11 @@ _FLAGS = {
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML file with settings (flags override it)")
-    parser.add_argument("--preset", help="ready-made settings (smollm2-135m, gemma3-270m; gsm8k-paper: the paper's "
-                        "recipe for any --model); run dir defaults to ~/.cache/caprese/runs/PRESET")
+    from distill.presets import preset_names
+
+    parser.add_argument("--preset", choices=preset_names(), metavar="PRESET",
+                        help=f"ready-made settings ({', '.join(preset_names())}; gsm8k-paper: the paper's recipe for "
+                        "any --model); run dir defaults to ~/.cache/caprese/runs/PRESET")
     parser.add_argument("--model", help="HF checkpoint directory or a caprese-models name (smollm2-135m, ...)")
     parser.add_argument("--run-dir", help="where everything is written (resumable)")
     parser.add_argument("--method", choices=["griffin", "cats"])

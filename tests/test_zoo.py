@@ -141,3 +141,11 @@ def test_cli_prints_path_and_reports_errors(model_dirs, tmp_path):
     assert bad.returncode == 1
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("caprese-models: error:"), bad.stderr
+
+
+def test_model_directories_are_readable_by_other_users(model_dirs):
+    """The server image runs unprivileged and mounts the host's model directory (safetensors writes 0600)."""
+    for name, path in model_dirs.items():
+        assert path.stat().st_mode & 0o005 == 0o005, name
+        for file in path.iterdir():
+            assert file.stat().st_mode & 0o004, (name, file.name, oct(file.stat().st_mode))

@@ -57,7 +57,7 @@ def ensure_model(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / spec.name
     if _is_complete(target, spec):
-        return target
+        return _readable_by_all(target)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         with _exclusive_lock(cache_dir / f".{spec.name}.lock"):
@@ -72,7 +72,21 @@ def ensure_model(
                 "or set CAPRESE_CACHE_DIR to a larger disk"
             ) from None
         raise ModelFetchError(f"could not build {spec.name} in {cache_dir}: {err}") from None
-    return target
+    return _readable_by_all(target)
+
+
+def _readable_by_all(model_dir: Path) -> Path:
+    """Give the directory 0755 and its files 0644: safetensors writes 0600, and a model directory is
+    mounted read-only into the server image, which runs as an unprivileged user (Dockerfile). Directories
+    built before this are repaired on their next fetch; a directory owned by someone else is left alone."""
+    try:
+        for path in (model_dir, *model_dir.iterdir()):
+            want = 0o755 if path.is_dir() else 0o644
+            if path.stat().st_mode & 0o777 != want and path.stat().st_uid == os.getuid():
+                path.chmod(want)
+    except OSError:
+        pass  # a read-only cache: reading the model still works for its owner
+    return model_dir
 
 
 def _is_complete(target: Path, spec: GgufModelSpec) -> bool:
