@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DistillError, AdapterError, FileNotFoundError) as err:
         print(f"caprese-distill: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # the run directory is a file, sits under one, or cannot be written
+        print(f"caprese-distill: error: {err.filename or ''}: {err.strerror or err}; pass a --run-dir that is "
+              "a writable directory (or a path where one can be made)", file=sys.stderr)
+        return 1
     return 0
 
 

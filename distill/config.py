@@ -30,7 +30,7 @@ _SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
 def parse_slice(text: str) -> slice:
     """A python slice written as text ("-1000:", ":-1000", "10:20", "::2", ":") -> slice; ValueError otherwise."""
     match = _SLICE.match(text)
-    if match is None or match.group(3) == "0":
+    if match is None or (match.group(3) is not None and int(match.group(3)) == 0):
         raise ValueError(f"{text!r} is not a slice such as ':-1000', '-1000:' or '0:500'")
     return slice(*(None if g is None else int(g) for g in match.groups()))
 
@@ -151,7 +151,7 @@ def load_config(yaml_path: Path | None, overrides: dict) -> DistillConfig:
             raw = yaml.safe_load(Path(yaml_path).read_text()) or {}
         except OSError as err:
             raise ConfigError(f"{yaml_path}: cannot read ({err.strerror})") from None
-        except yaml.YAMLError as err:
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{yaml_path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping of settings at the top level")
@@ -160,8 +160,12 @@ def load_config(yaml_path: Path | None, overrides: dict) -> DistillConfig:
             continue
         node = raw
         *parents, leaf = dotted.split(".")
-        for key in parents:
+        for depth, key in enumerate(parents):
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                where = ".".join(parents[:depth + 1])
+                raise ConfigError(f"{yaml_path or 'caprese-distill flags'}: field {where}: expected a mapping of "
+                                  f"settings, got {type(node).__name__} (flag --{leaf.replace('_', '-')} sets {dotted})")
         node[leaf] = value
     source = str(yaml_path) if yaml_path else "caprese-distill flags"
     for key, flag in (("model", "--model MODEL_DIR"), ("run_dir", "--run-dir DIR")):
@@ -212,7 +216,13 @@ def pin_config(config: DistillConfig) -> None:
     path = config.run_dir / "config.json"
     mine = json.loads(config.model_dump_json())
     if path.exists():
-        theirs = json.loads(path.read_text())
+        try:
+            theirs = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path}: not the settings of a run ({str(err).splitlines()[0]}); pass a new --run-dir "
+                              "or delete that file") from None
+        if not isinstance(theirs, dict):
+            raise ConfigError(f"{path}: not the settings of a run; pass a new --run-dir or delete that file")
         try:  # settings added since that run was made count with their defaults (what that run used),
             # settings removed since then are dropped (they no longer change anything)
             theirs = json.loads(DistillConfig.model_validate(_known_fields(theirs, DistillConfig)).model_dump_json())

@@ -28,6 +28,14 @@ from distill.generate import generate_data, split_is_current, split_path
 def resolve_model(name_or_dir: str) -> Path:
     path = Path(name_or_dir)
     if path.is_dir():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(f"model {name_or_dir!r}: no readable config.json ({str(err).splitlines()[0]}); "
+                                    "pass a Hugging Face checkpoint directory or a caprese-models name") from None
+        if not isinstance(config, dict):
+            raise FileNotFoundError(f"model {name_or_dir!r}: config.json is not a mapping; pass a Hugging Face "
+                                    "checkpoint directory")
         return path
     from caprese_vllm.zoo import CATALOG, ensure_model
 

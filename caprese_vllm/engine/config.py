@@ -43,7 +43,11 @@ class CapreseServeConfig(BaseModel):
     @classmethod
     def from_additional_config(cls, additional_config: dict | None) -> CapreseServeConfig | None:
         """The settings in vLLM's additional_config, None without caprese_adapter. Raises ValueError (one
-        line naming the key) for a bad value, an unknown caprese_* key or a misspelled prefix."""
+        line naming the key) for a bad value, an unknown caprese_* key or a misspelled prefix, and for an
+        additional_config that is not a mapping (vLLM passes a non-JSON string through as it is)."""
+        if additional_config is not None and not isinstance(additional_config, dict):
+            raise ValueError(f"--additional-config is not a JSON object ({str(additional_config)[:60]!r}); pass "
+                             "e.g. '{\"caprese_adapter\": \"/path/to/adapter\"}'")
         for key in additional_config or {}:
             if str(key).lower().startswith("caprese") and not str(key).startswith(PREFIX):
                 fixed = PREFIX + str(key)[len(PREFIX):].replace("-", "_").lower()
