@@ -110,11 +110,23 @@ class DenseTarget:
     vocabs: list[torch.Tensor] = field(default_factory=list)
 
 
-# Dense targets are kept across epochs while they fit in this much memory (a small model's few
-# hundred samples: ~150 MB); above it every epoch recomputes them. Same loss either way.
+# Dense targets are kept across epochs while they fit: on a CPU in TARGET_CACHE_BYTES (a small model's
+# few hundred samples: ~150 MB), on a GPU in TARGET_CACHE_GPU_SHARE of the memory free once the model is
+# loaded (the paper's 20K answers of Qwen2.5-Coder-0.5B: ~10 GB of bf16 hidden states, which skips the
+# dense pass, about a third of a step, on every epoch after the first). Above it every epoch recomputes
+# them. Same loss either way.
 TARGET_CACHE_BYTES = 2 << 30
+TARGET_CACHE_GPU_SHARE = 0.4
 # Consecutive skipped (non-finite) steps after which the fit stops: the run is diverging, not unlucky.
 MAX_SKIPPED_STEPS = 10
+
+
+def target_cache_budget(device: torch.device) -> int:
+    """Bytes the dense targets may take on `device` (see TARGET_CACHE_BYTES)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * TARGET_CACHE_GPU_SHARE)
+    return TARGET_CACHE_BYTES
 
 
 def _loss(kind: str, model, target: DenseTarget, hidden: torch.Tensor, kl_top: int = 0) -> torch.Tensor:
@@ -156,7 +168,11 @@ def refine_end_to_end(config: DistillConfig, model, pad_id: int, init: CapreseAd
     batches = list(length_batches(train, fc.e2e_batch_tokens))
     hidden_size = model.config.get_text_config().hidden_size
     completion_tokens = sum(len(s.completion_ids) for s in train)
-    keep_targets = fc.e2e_epochs > 1 and completion_tokens * hidden_size * 4 <= TARGET_CACHE_BYTES
+    target_bytes = completion_tokens * hidden_size * next(model.parameters()).element_size()
+    keep_targets = fc.e2e_epochs > 1 and target_bytes <= target_cache_budget(device)
+    if fc.e2e_epochs > 1:
+        tqdm.write(f"fit: dense targets ({target_bytes / 2**30:.2f} GiB) "
+                   f"{'kept for later epochs' if keep_targets else 'recomputed on every epoch (too large to keep)'}")
     targets: dict[int, DenseTarget] = {}  # batch index -> its dense target (keep_targets)
     total = fc.e2e_epochs * len(batches)
     warmup = max(1, int(fc.e2e_warmup * total))
