@@ -17,6 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distill.config import DistillConfig
 
 # flag -> dotted config field
 _FLAGS = {
@@ -43,7 +47,8 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--density", type=float)
     parser.add_argument("--rank", type=int, help="default: ~1%% extra parameters")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available; checked before "
+                        "anything runs)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--num-samples", type=int, help="training samples (default 20000, as in the paper)")
     parser.add_argument("--heldout-math", type=int)
@@ -56,27 +61,67 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--e2e-batch-tokens", type=int)
     parser.add_argument("--questions", help="training prompts from this GSM8K-format JSONL (`question` per line), "
                         "prefixed 'Please reason step by step.', cycled to --num-samples (default: templated math)")
-    parser.add_argument("--questions-range", help="python slice of its lines, e.g. ':-1000' (default ':')")
+    parser.add_argument("--questions-range", help="python slice of its lines, e.g. ':-1000' (default ':'; needs "
+                        "--questions)")
     parser.add_argument("--gsm8k", help="GSM8K-format JSONL (`question`, `answer` ending in '#### N'): held-out "
                         "split scored by exact-answer accuracy, length, truncation")
     parser.add_argument("--gsm8k-range", help="python slice of its lines, e.g. '-1000:' (default ':'); must not "
-                        "overlap --questions-range when both name one file")
-    parser.add_argument("--gsm8k-max-new-tokens", type=int, help="longest GSM8K answer (default 512)")
+                        "overlap --questions-range when both name one file; needs --gsm8k")
+    parser.add_argument("--gsm8k-max-new-tokens", type=int, help="longest GSM8K answer (default 512; needs --gsm8k)")
 
 
 _RANGE_FLAGS = ("--questions-range", "--gsm8k-range")
+# every option of the subcommands takes a value
+_VALUE_FLAGS = frozenset(("--config", "--preset", *("--" + flag.replace("_", "-") for flag in _FLAGS)))
 
 
 def glue_range_values(argv: list[str]) -> list[str]:
     """`--gsm8k-range -1000:` -> `--gsm8k-range=-1000:`: argparse takes a value starting with "-" (a slice
-    from the end) for an unknown option and stops with "expected one argument"."""
+    from the end) for an unknown option and stops with "expected one argument". A word starting with "--"
+    is never glued: it is the next flag (refuse_flags_as_values)."""
     out = []
     for arg in argv:
-        if out and out[-1] in _RANGE_FLAGS and arg.startswith("-"):
+        if out and out[-1] in _RANGE_FLAGS and arg.startswith("-") and not arg.startswith("--"):
             out[-1] = f"{out[-1]}={arg}"
         else:
             out.append(arg)
     return out
+
+
+def refuse_flags_as_values(argv: list[str]) -> None:
+    """A value that starts with "--", given to any option (`--gsm8k-range --e2e-epochs 2`: the range was
+    forgotten, or `--e2e-lr=--seed`), is the next flag, never a setting: ConfigError naming both."""
+    from distill.config import ConfigError
+
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name not in _VALUE_FLAGS or not (eq or i + 1 < len(argv)):
+            continue  # a missing last value is argparse's "expected one argument"
+        value = value if eq else argv[i + 1]
+        if value.startswith("--"):
+            raise ConfigError(f"{name} needs a value, got {value!r}: write {name} VALUE (was its value "
+                              "forgotten?)")
+
+
+def step_to_run_first(config: DistillConfig, command: str) -> tuple[str, Path] | None:
+    """(the step to run first, the missing file) when `command` cannot run yet on config.run_dir, else None.
+    `fit` needs the data step's splits (data/{train,heldout_math,heldout_language}.jsonl, each written last, by
+    rename: present means complete); `evaluate` also needs the fit step's adapter/caprese.json and
+    fit/fit.json. Checked before the run directory is touched: a refused step writes nothing, so it does
+    not pin its settings (config.json) either."""
+    from distill.generate import split_path
+
+    if command not in ("fit", "evaluate"):
+        return None
+    splits = ["train", "heldout_math"] + (["heldout_language"] if config.data.heldout_language else [])
+    for name in splits:
+        if not split_path(config.run_dir, name).exists():
+            return "generate", split_path(config.run_dir, name)
+    if command == "evaluate":
+        for path in (config.run_dir / "adapter" / "caprese.json", config.run_dir / "fit" / "fit.json"):
+            if not path.exists():
+                return "fit", path
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,13 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distill.config import DistillError, load_config
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        refuse_flags_as_values(argv)
+    except DistillError as err:
+        print(f"caprese-distill: error: {err}", file=sys.stderr)
+        return 1
     parser = build_parser()
-    args = parser.parse_args(glue_range_values(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(glue_range_values(argv))
     if args.command is None:
         parser.print_help()
         return 2
     from caprese_vllm.adapter import AdapterError
-    from distill.config import DistillError, load_config
 
     overrides = {field: getattr(args, flag) for flag, field in _FLAGS.items()}
     try:
@@ -109,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             config_file = preset_path(args.preset)
             overrides["run_dir"] = overrides["run_dir"] or str(default_run_dir(args.preset))
         config = load_config(config_file, overrides)
+        first = step_to_run_first(config, args.command)
+        if first is not None:
+            raise DistillError(f"{args.command}: {first[1]} does not exist yet; run `caprese-distill {first[0]}` "
+                               "with the same settings first (or `caprese-distill run` for every step)")
         from distill.pipeline import Pipeline
 
         pipeline = Pipeline(config)

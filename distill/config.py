@@ -21,7 +21,9 @@ from pydantic.functional_validators import AfterValidator
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # unknown keys are errors (a misspelt setting is not silently ignored), and so are inf and nan in any
+    # float field: `--e2e-lr inf` passes `gt=0` and would train on a non-finite step
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 _SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
@@ -41,6 +43,26 @@ def _check_slice(text: str) -> str:
 
 
 SliceText = Annotated[str, AfterValidator(_check_slice)]
+
+
+def _check_device(text: str) -> str:
+    """`auto`, or a device torch.device parses whose type the steps run on (cpu, cuda, cuda:N); ValueError
+    otherwise. Whether that device exists here is check_device_available's business (not a property of
+    the settings: config.json is reread on machines without it)."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N")
+    return text
+
+
+DeviceText = Annotated[str, AfterValidator(_check_device)]
 # kept absolute in RUN_DIR/config.json, so that a resume from another directory means the same file
 FilePath = Annotated[Path, AfterValidator(lambda p: p.expanduser().absolute())]
 
@@ -99,7 +121,7 @@ class DistillConfig(_Strict):
     layers: list[int] | None = Field(None, description="compressed layers (default: GRIFFIN first half, CATS all)")
     rank: int | None = Field(None, gt=0, description="low-rank path rank (default: ~1% extra parameters)")
     seed: int = 0
-    device: str = Field("auto", description="auto: cuda when available, else cpu")
+    device: DeviceText = Field("auto", description="auto: cuda when available, else cpu; cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="fit/eval dtype (auto: bf16 on GPU)")
     data: DataConfig = Field(default_factory=DataConfig)
     fit: FitConfig = Field(default_factory=FitConfig)
@@ -175,8 +197,46 @@ def load_config(yaml_path: Path | None, overrides: dict) -> DistillConfig:
         config = DistillConfig.model_validate(raw)
     except ValidationError as err:
         raise _first_error(err, source) from None
+    check_flags_apply(config, overrides)
+    check_device_available(config, source)
     check_question_files(config)
     return config
+
+
+# a flag's setting -> the setting it refines, without which it changes nothing
+_REFINES = {"eval.gsm8k_range": "eval.gsm8k", "eval.gsm8k_max_new_tokens": "eval.gsm8k",
+            "data.questions_range": "data.questions"}
+
+
+def _flag(dotted: str) -> str:
+    return "--" + dotted.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def check_flags_apply(config: DistillConfig, overrides: dict) -> None:
+    """A flag that refines a file setting (`--gsm8k-range`, `--gsm8k-max-new-tokens`, `--questions-range`) when
+    that file is set neither by its flag nor in the config file would be silently ignored: ConfigError."""
+    for dotted, needs in _REFINES.items():
+        if overrides.get(dotted) is None:
+            continue
+        section, field = needs.split(".")
+        if getattr(getattr(config, section), field) is None:
+            raise ConfigError(f"{_flag(dotted)} is given but no file for it is: pass {_flag(needs)} FILE (or set "
+                              f"{needs} in the --config file), or drop {_flag(dotted)}")
+
+
+def check_device_available(config: DistillConfig, source: str) -> None:
+    """A cuda device must exist on this machine (torch.cuda): checked before anything is written, not after
+    the data step has run for minutes. ConfigError naming the field."""
+    if not config.device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = torch.device(config.device).index or 0
+    if index >= count:
+        have = f"{count} CUDA device{'s' if count != 1 else ''}" if count else "no CUDA device (torch.cuda)"
+        raise ConfigError(f"{source}: field device: {config.device!r}, but this machine has {have}; pass "
+                          "--device cpu (or auto: cuda when available)")
 
 
 def check_question_files(config: DistillConfig) -> None:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +14,21 @@ from caprese_vllm.engine.config import CapreseServeConfig
 from distill.cli import main
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(capsys, *argv: str) -> str:
     assert main(list(argv)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("caprese-distill: error: "), err
+    return err[0]
+
+
+def _cli(*argv: str) -> str:
+    """Run the real `caprese-distill` in a subprocess; assert exit 1 and one error line (no traceback)."""
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", *argv], capture_output=True, text=True, cwd=REPO)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(err) == 1 and err[0].startswith("caprese-distill: error: "), proc.stderr
     return err[0]
 
 
@@ -77,3 +88,105 @@ def test_a_model_dir_without_a_checkpoint_config_writes_nothing(capsys, tmp_path
 def test_additional_config_that_is_not_an_object(value):
     with pytest.raises(ValueError, match="--additional-config is not a JSON object.*caprese_adapter"):
         CapreseServeConfig.from_additional_config(value)
+
+
+# ---- issue 17: caprese-distill -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("step", ["fit", "evaluate"])
+def test_a_step_before_the_data_step_writes_nothing(tmp_path, model_dir, step):
+    """`fit` / `evaluate` on a fresh run dir pinned its settings before failing, so the corrected rerun was then
+    refused ("different settings")."""
+    run_dir = tmp_path / "r"
+    line = _cli(step, "--model", str(model_dir), "--run-dir", str(run_dir), "--density", "0.3")
+    assert f"{run_dir / 'data' / 'train.jsonl'} does not exist yet; run `caprese-distill generate`" in line
+    assert not run_dir.exists()
+
+
+def test_evaluate_before_the_fit_step_names_fit(tmp_path, model_dir):
+    run_dir = tmp_path / "r"
+    (run_dir / "data").mkdir(parents=True)
+    for split in ("train", "heldout_math", "heldout_language"):
+        (run_dir / "data" / f"{split}.jsonl").write_text("")
+    line = _cli("evaluate", "--model", str(model_dir), "--run-dir", str(run_dir))
+    assert "adapter/caprese.json does not exist yet; run `caprese-distill fit`" in line
+    assert sorted(p.name for p in run_dir.iterdir()) == ["data"]  # no config.json, no lock
+
+
+@pytest.mark.parametrize("device, message", [
+    ("bogus", "field device: Value error, 'bogus' is not a device; use auto, cpu, cuda or cuda:N"),
+    ("meta", "'meta' is not a device"),
+    ("cuda:99", "field device: 'cuda:99', but this machine has"),
+])
+def test_a_device_is_checked_before_anything_is_written(tmp_path, model_dir, device, message):
+    """`--device bogus` failed only after the data step (minutes of vLLM)."""
+    run_dir = tmp_path / "r"
+    assert message in _cli("generate", "--model", str(model_dir), "--run-dir", str(run_dir), "--device", device)
+    assert not run_dir.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_cuda_device(tmp_path, model_dir):
+    run_dir = tmp_path / "r"
+    line = _cli("generate", "--model", str(model_dir), "--run-dir", str(run_dir), "--device", "cuda")
+    assert "field device: 'cuda', but this machine has no CUDA device" in line and "--device cpu" in line
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("argv, flag, value", [
+    (["--gsm8k", str(GSM8K), "--gsm8k-range", "--e2e-epochs", "2"], "--gsm8k-range", "--e2e-epochs"),
+    (["--questions", str(GSM8K), "--questions-range", "--seed", "1"], "--questions-range", "--seed"),
+    (["--e2e-lr", "--num-samples", "4"], "--e2e-lr", "--num-samples"),
+    (["--questions-range=--x"], "--questions-range", "--x"),
+])
+def test_a_forgotten_value_does_not_swallow_the_next_flag(tmp_path, model_dir, argv, flag, value):
+    """`--gsm8k-range --e2e-epochs 2` took "--e2e-epochs" for the range (and "2" went nowhere)."""
+    run_dir = tmp_path / "r"
+    line = _cli("generate", "--model", str(model_dir), "--run-dir", str(run_dir), *argv)
+    assert f"{flag} needs a value, got {value!r}" in line
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("argv, needs", [
+    (["--gsm8k-range", "-100:"], "--gsm8k"),
+    (["--gsm8k-max-new-tokens", "64"], "--gsm8k"),
+    (["--questions-range", ":100"], "--questions"),
+])
+def test_a_range_without_its_file_is_refused(tmp_path, model_dir, argv, needs):
+    """`--gsm8k-range` without `--gsm8k` (or `--questions-range` without `--questions`) was silently ignored."""
+    run_dir = tmp_path / "r"
+    line = _cli("generate", "--model", str(model_dir), "--run-dir", str(run_dir), *argv)
+    assert f"{argv[0]} is given but no file for it is: pass {needs} FILE" in line
+    assert not run_dir.exists()
+
+
+def test_a_range_with_its_file_in_the_config_file_applies(tmp_path):
+    from distill.config import load_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: m\nrun_dir: {tmp_path / 'r'}\neval:\n  gsm8k: {GSM8K}\n")
+    config = load_config(cfg, {"eval.gsm8k_range": "-100:", "eval.gsm8k_max_new_tokens": 64})
+    assert (config.eval.gsm8k_range, config.eval.gsm8k_max_new_tokens) == ("-100:", 64)
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--e2e-lr", "inf"], "fit.e2e_lr"),
+    (["--e2e-lr", "nan"], "fit.e2e_lr"),
+    (["--density", "nan"], "density"),
+])
+def test_non_finite_settings_are_refused(tmp_path, model_dir, argv, field):
+    """`--e2e-lr inf` passed `gt=0`."""
+    run_dir = tmp_path / "r"
+    line = _cli("generate", "--model", str(model_dir), "--run-dir", str(run_dir), *argv)
+    assert f"field {field}: Input should be a finite number" in line
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("section, key", [("fit", "ridge"), ("fit", "e2e_warmup"), ("data", "temperature"),
+                                          ("fit", "e2e_clip"), ("fit", "layerwise_lr")])
+def test_every_float_setting_must_be_finite(tmp_path, section, key):
+    from distill.config import ConfigError, load_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: m\nrun_dir: r\n{section}:\n  {key}: .inf\n")
+    with pytest.raises(ConfigError, match=rf"field {section}.{key}: Input should be a finite number"):
+        load_config(cfg, {})
