@@ -23,9 +23,11 @@ class CapreseServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     adapter: Path = Field(description="adapter directory (caprese.json + adapter.safetensors)")
-    density: float | None = Field(default=None, gt=0.0, le=1.0,
+    # strict: JSON true is not density 1.0 nor "0.5" a number, and "false" (a string) is not False; every
+    # route in (flags, dotted keys, YAML, JSON) hands over typed values (cli_flags parses them)
+    density: float | None = Field(default=None, gt=0.0, le=1.0, strict=True,
                                   description="override the manifest's density (the adapter was fitted at its own)")
-    check_fingerprint: bool = Field(default=True, description="refuse adapters fitted on other weights")
+    check_fingerprint: bool = Field(default=True, strict=True, description="refuse adapters fitted on other weights")
     # The plugin resolves "auto" to "on"/"off" in the front-end and writes it back into
     # additional_config: vLLM hashes additional_config into its torch.compile cache key, and the two
     # settings trace different graphs from the same source file, so each must get its own cache.
