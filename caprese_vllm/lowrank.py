@@ -35,6 +35,18 @@ def lowrank_forward(x: torch.Tensor, lowrank_a: torch.Tensor, lowrank_b: torch.T
     return ((x.to(dtype) @ lowrank_a.to(dtype)) @ lowrank_b.to(dtype)).to(x.dtype)
 
 
+def lowrank_forward_rowwise(x: torch.Tensor, lowrank_a: torch.Tensor, lowrank_b: torch.Tensor) -> torch.Tensor:
+    """lowrank_forward for x [T, H], each row computed as its own [1, H] product (a batched GEMM over rows):
+    a row's result is the same whatever other rows the step holds. One [T, H] GEMM is not: on CPU,
+    float32 GEMMs switch kernels at 4 rows (MKL), so a request's decode token came out differently
+    alone than batched, and greedy answers changed with the batch (issue 17.2), while vLLM's bf16 GEMMs
+    give each row the same result at any batch size. Reads A and B once per row: for decode tokens."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    rows = x.shape[0]
+    xa = torch.bmm(x.to(dtype).unsqueeze(1), lowrank_a.to(dtype).expand(rows, *lowrank_a.shape))   # [T, 1, r]
+    return torch.bmm(xa, lowrank_b.to(dtype).expand(rows, *lowrank_b.shape)).squeeze(1).to(x.dtype)
+
+
 def fold_lowrank(gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,
                  lowrank_a: torch.Tensor, lowrank_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate_up_w [2k + r, H], down_w [H, k + r]) for the selected neurons plus the low-rank path."""

@@ -29,12 +29,14 @@ class Harness:
     def acts(self, req, seed):
         self.z[req] = torch.randn(100, INTER, generator=torch.Generator().manual_seed(seed))
 
-    def step(self, reqs, finished=()):
-        """reqs: (req_id, chunk_start, num_tokens, prompt_len, in_prefill); finished: ids the runner dropped."""
+    def step(self, reqs, finished=(), preempted=()):
+        """reqs: (req_id, chunk_start, num_tokens, prompt_len, in_prefill); finished: ids the runner dropped;
+        preempted: ids the scheduler preempted (the V1 runner keeps them live)."""
         self.live = (getattr(self, "live", set()) | {r[0] for r in reqs}) - set(finished)
         info = StepInfo(req_ids=[r[0] for r in reqs], num_scheduled=np.array([r[2] for r in reqs]),
                         chunk_start=np.array([r[1] for r in reqs]), prompt_len=np.array([r[3] for r in reqs]),
-                        in_prefill=np.array([r[4] for r in reqs]), live_req_ids=set(self.live))
+                        in_prefill=np.array([r[4] for r in reqs]), live_req_ids=set(self.live),
+                        preempted_req_ids=frozenset(preempted))
         self.state.on_step(info)
         z = torch.cat([self.z[r[0]][r[1]:r[1] + r[2]] for r in reqs])
         n = z.shape[0]
@@ -144,3 +146,32 @@ def test_griffin_select_is_topk_and_breaks_ties_toward_the_lowest_index():
     assert torch.equal(griffin_select(stat, 500), torch.topk(stat, 500, dim=-1).indices.sort(dim=-1).values)
     tied = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 3.0], [0.0] * 6])
     assert griffin_select(tied, 3).tolist() == [[1, 2, 5], [0, 1, 2]]
+
+
+def test_preempted_requests_give_their_slots_back():
+    """Priority preemption (V1 runner): preempted requests stay in the runner's cache until they finish, so
+    with slots freed only on finish, more requests than slots were 'live' and the next new request
+    raised 'no free state slot' inside the model runner. A preempted request restarts from position 0."""
+    h = Harness(max_slots=2)
+    for i, req in enumerate("abcde"):
+        h.acts(req, i + 1)
+    h.step([("a", 0, 5, 5, True), ("b", 0, 6, 6, True)])
+    h.step([("a", 5, 1, 5, False), ("b", 6, 1, 6, False)])
+    # c (higher priority) arrives; a and b are preempted for its blocks, then d: all four stay live
+    h.step([("c", 0, 7, 7, True)], preempted=("a", "b"))
+    h.step([("c", 7, 1, 7, False), ("d", 0, 4, 4, True)])
+    out, _ = h.step([("c", 8, 1, 7, False), ("d", 4, 1, 4, False)])
+    assert torch.equal(h.kept(out[0]), h.expected_idx("c", 7))
+    assert torch.equal(h.kept(out[1]), h.expected_idx("d", 4))
+    # a resumes once d is preempted in its turn: it recomputes its prompt and its one answer token from
+    # position 0; the answer token runs sparse with a's own selection, as it first ran (not dense)
+    out, z = h.step([("a", 0, 6, 5, True)], preempted=("d",))
+    assert torch.equal(out[:5], z[:5]), "prompt tokens run dense"
+    assert torch.equal(h.kept(out[5]), h.expected_idx("a", 5))
+    out, _ = h.step([("a", 6, 1, 5, False), ("c", 9, 1, 7, False)])
+    assert torch.equal(h.kept(out[0]), h.expected_idx("a", 5))
+    assert torch.equal(h.kept(out[1]), h.expected_idx("c", 7))
+    # b, preempted earlier, resumes with its selection too; c's and d's wait for their turn
+    out, _ = h.step([("b", 0, 8, 6, True)], preempted=("c",))
+    assert torch.equal(h.kept(out[6]), h.expected_idx("b", 6)) and torch.equal(h.kept(out[7]), h.expected_idx("b", 6))
+    assert set(h.state.saved_selection) == {"c", "d"}

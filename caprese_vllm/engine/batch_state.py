@@ -2,9 +2,13 @@
 
 Every running request owns a slot in [0, max_slots); slot `max_slots` is a dummy that padding
 tokens and warm-up runs point at. Before each step (see step_info.py) the host:
-  1. frees the slots of requests the runner no longer holds and gives new requests a slot;
+  1. frees the slots of requests the runner no longer holds or that were preempted (they restart from
+     position 0) and gives new requests a slot;
   2. resets a slot's statistics when its request starts (again) from position 0 (new request,
-     or recompute after preemption), so a reused slot never leaks another request's state;
+     or recompute after preemption), so a reused slot never leaks another request's state; a preempted
+     request's selection is kept aside (host memory) and restored when it resumes, so the answer tokens
+     it recomputes run sparse with its own neurons, as they first ran: its output equals the one it
+     gives alone, preempted or not;
   3. takes the top-k for slots whose prompt is complete and which decode in this step (defined for
      any statistic; a non-finite one is flagged to the NonfiniteMonitor, read without a sync);
   4. writes per-token slot / prompt / dense flags into fixed device buffers the layers read.
@@ -16,6 +20,8 @@ finds the buffers already right and costs a list comparison: no host work, no co
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -71,6 +77,9 @@ class CapreseBatchState:
         self._decode_workspace = None  # kernels.decode_mlp.DecodeWorkspace, made by the first GPU layer
         # Requests of the last step when it was a steady decode step (its buffers stay valid), else None.
         self._steady_req_ids: list[str] | None = None
+        # Selections of preempted requests, kept until they resume: req_id -> neuron_idx [L, k] int32 on the
+        # host. At most max_slots (oldest dropped: that request then recomputes its answer tokens dense).
+        self.saved_selection: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def add_griffin_layer(self, intermediate_size: int, k: int, layer_idx: int | None = None) -> GriffinLayerState:
         if len(self.griffin_layers) == self.stat_sq.shape[0] or (intermediate_size, k) != (self.stat_sq.shape[2],
@@ -102,7 +111,7 @@ class CapreseBatchState:
         if self.nonfinite.pending:  # last selections' non-finite flags, once their copy has landed
             self.nonfinite.poll()
         steady = bool((info.num_scheduled == 1).all() and not info.in_prefill.any()
-                      and (info.chunk_start >= info.prompt_len).all())
+                      and (info.chunk_start >= info.prompt_len).all() and not info.preempted_req_ids)
         if steady and info.req_ids == self._steady_req_ids:
             return
         self._steady_req_ids = None
@@ -111,7 +120,13 @@ class CapreseBatchState:
         self._steady_req_ids = list(info.req_ids) if steady else None
 
     def _update(self, info: StepInfo) -> None:
-        for req_id in [r for r in self.slot_of if r not in info.live_req_ids]:
+        # Free the slots of requests the runner dropped and of preempted ones (they restart from position 0,
+        # see StepInfo.preempted_req_ids): live requests then never outnumber the running limit's slots.
+        scheduled = set(info.req_ids)
+        for req_id in [r for r in self.slot_of if r in info.preempted_req_ids and r not in scheduled]:
+            self._save_selection(req_id, self.slot_of[req_id])
+        for req_id in [r for r in self.slot_of if r not in info.live_req_ids
+                       or (r in info.preempted_req_ids and r not in scheduled)]:
             self.free_slots.append(self.slot_of.pop(req_id))
         slots = np.empty(len(info.req_ids), dtype=np.int64)
         for i, req_id in enumerate(info.req_ids):
@@ -128,13 +143,16 @@ class CapreseBatchState:
         if starting.any():
             self.stat_sq[:, self._device_index(slots[starting])] = 0.0
             self.selected[slots[starting]] = False
+            for i in np.flatnonzero(starting):
+                self._restore_selection(info.req_ids[i], int(slots[i]))
 
         token_slot = np.repeat(slots, info.num_scheduled)
         offsets = np.arange(token_slot.size) - np.repeat(np.cumsum(info.num_scheduled) - info.num_scheduled,
                                                          info.num_scheduled)
         positions = np.repeat(info.chunk_start, info.num_scheduled) + offsets
         token_stat = positions < np.repeat(info.prompt_len, info.num_scheduled)
-        token_dense = token_stat | np.repeat(info.in_prefill, info.num_scheduled)
+        # Recomputed answer tokens (after preemption) run sparse when the request's selection was restored.
+        token_dense = token_stat | np.repeat(info.in_prefill & ~self.selected[slots], info.num_scheduled)
 
         decoding = ~info.in_prefill & (info.chunk_start >= info.prompt_len)
         to_select = np.unique(slots[decoding & ~self.selected[slots]])
@@ -143,9 +161,28 @@ class CapreseBatchState:
             self._select(self._device_index(to_select), [req_of[int(s)] for s in to_select])
             self.selected[to_select] = True
 
+        while len(self.saved_selection) > self.max_slots:  # after this step's restores
+            self.saved_selection.popitem(last=False)
         self._write(self.token_slot, torch.from_numpy(token_slot), self.dummy_slot)
         self._write(self.token_stat, torch.from_numpy(token_stat), False)
         self._write(self.token_dense, torch.from_numpy(token_dense), True)
+
+    def _save_selection(self, req_id: str, slot: int) -> None:
+        if not self.selected[slot] or not self.stat_sq.shape[0]:
+            return  # preempted before its first sparse step (or no GRIFFIN layer): nothing to keep
+        self.saved_selection[req_id] = self.neuron_idx[:, slot].to("cpu", torch.int32)   # [L, k]
+        self.saved_selection.move_to_end(req_id)
+
+    def _restore_selection(self, req_id: str, slot: int) -> None:
+        saved = self.saved_selection.pop(req_id, None)
+        if saved is None:
+            return
+        idx = saved.to(self.device, torch.int64)                                    # [L, k]
+        self.neuron_idx[:, slot] = idx
+        if self.keep_mask is not None:
+            self.keep_mask[:, slot] = 0
+            self.keep_mask[:, slot].scatter_(1, idx, 1)
+        self.selected[slot] = True
 
     def _select(self, slots: torch.Tensor, req_ids: list[str]) -> None:
         """Top-k of every compressed layer for these slots (their requests: req_ids): one call over [L, n, I].

@@ -36,6 +36,38 @@ def _(z, token_slot, token_stat, token_dense, stat_sq, neuron_idx):
     return torch.empty_like(z)
 
 
+@torch.library.custom_op("caprese::add_lowrank", mutates_args=())
+def add_lowrank(y: torch.Tensor, x: torch.Tensor, lowrank_a: torch.Tensor, lowrank_b: torch.Tensor,
+                token_dense: torch.Tensor) -> torch.Tensor:
+    """y [T, H] + (x [T, H] @ lowrank_a [H, r]) @ lowrank_b [r, H] on decode tokens; dense tokens keep y as is.
+
+    Opaque to torch.compile on purpose: traced, the low-rank branch's float32 copy of x and the where
+    became part of Inductor's fused residual-add / RMSNorm kernels, which then rounded the residual
+    stream differently from the dense model's graph (Inductor drops bf16 round trips it fuses over), so
+    prompt tokens scored differently from dense vLLM (issue 17.1). Behind this boundary the graph
+    around the MLP is the dense model's: its output is a plain tensor with y's values on dense tokens.
+    Selected with a where (or an index), never a multiply: a prompt token's Inf times 0 would be NaN.
+
+    Batch invariance follows the backend's dense GEMMs: on CPU, where vLLM's bf16 GEMMs give a row the same
+    result at any batch size, the decode rows' products are computed row by row (lowrank_forward_rowwise),
+    so a request decodes the same tokens alone and batched (issue 17.2); on CUDA one GEMM over all rows, as
+    cuBLAS's (not batch-invariant) dense GEMMs, with fixed shapes that CUDA graphs can capture."""
+    from caprese_vllm.lowrank import lowrank_forward, lowrank_forward_rowwise
+
+    if y.device.type == "cpu":
+        rows = torch.nonzero(~token_dense).squeeze(1)                       # [D] decode tokens
+        out = y.clone()
+        if rows.numel():
+            out[rows] = y[rows] + lowrank_forward_rowwise(x[rows], lowrank_a, lowrank_b)
+        return out
+    return torch.where(token_dense.unsqueeze(-1), y, y + lowrank_forward(x, lowrank_a, lowrank_b))
+
+
+@add_lowrank.register_fake
+def _(y, x, lowrank_a, lowrank_b, token_dense):
+    return torch.empty_like(y)
+
+
 _ACTS = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
 
 

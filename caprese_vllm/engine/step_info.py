@@ -36,10 +36,19 @@ class StepInfo:
     # Requests the runner still holds: any other request's state can be freed. (Finished ids in the
     # scheduler output are not enough: a step that schedules no tokens never reaches this hook.)
     live_req_ids: Collection[str]   # the runner's own mapping, not copied: only `in` is asked
+    # Requests preempted since the last step (the scheduler's `preempted_req_ids`). The V1 runner keeps a
+    # preempted request's cached state until it finishes, so it stays "live": without this, preempted
+    # requests held slots beyond the running limit (`--scheduling-policy priority` under KV pressure).
+    # A preempted request restarts from position 0 (prefix caching is off); CapreseBatchState keeps
+    # its selection aside so its recomputed answer tokens run as they first did.
+    preempted_req_ids: Collection[str] = ()
 
 
 StepListener = Callable[[StepInfo], None]
 _listener: StepListener | None = None
+# Preempted request ids seen by execute_model (V1) and not yet handed to the listener: a step that
+# schedules no tokens never reaches _prepare_inputs, but its preemptions still count.
+_preempted_pending: set[str] = set()
 
 
 def set_step_listener(listener: StepListener | None) -> None:
@@ -65,8 +74,27 @@ def _v1_prepare_inputs(original):
                 # Decoding computes exactly the last known token; anything before it is (re)prefill.
                 in_prefill=computed < known - 1,
                 live_req_ids=self.requests.keys(),
+                preempted_req_ids=_take_preempted(),
             ))
         return original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+
+    return wrapper
+
+
+def _take_preempted() -> frozenset[str]:
+    taken = frozenset(_preempted_pending)
+    _preempted_pending.clear()
+    return taken
+
+
+def _record_preempted(original):
+    """execute_model (V1 and V2) records the step's preempted requests (vllm/v1/core/sched/output.py
+    `preempted_req_ids`, filled by the scheduler's _preempt_request) before the runner drops or keeps them."""
+    @functools.wraps(original)
+    def wrapper(self, scheduler_output, *args, **kwargs):
+        if _listener is not None:
+            _preempted_pending.update(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        return original(self, scheduler_output, *args, **kwargs)
 
     return wrapper
 
@@ -88,6 +116,7 @@ def _v2_prepare_inputs(original):
                 prompt_len=self.req_states.prompt_len.np[idx].astype(np.int64),
                 in_prefill=in_prefill,
                 live_req_ids=self.req_states.req_id_to_index.keys(),
+                preempted_req_ids=_take_preempted(),
             ))
         return input_batch
 
@@ -99,7 +128,9 @@ _hooked = False
 
 _RUNNERS = (
     ("V1", "vllm.v1.worker.gpu_model_runner", "_prepare_inputs", _v1_prepare_inputs),
+    ("V1", "vllm.v1.worker.gpu_model_runner", "execute_model", _record_preempted),
     ("V2", "vllm.v1.worker.gpu.model_runner", "prepare_inputs", _v2_prepare_inputs),
+    ("V2", "vllm.v1.worker.gpu.model_runner", "execute_model", _record_preempted),
 )
 
 
@@ -118,7 +149,8 @@ def _install_hooks() -> None:
         runner = getattr(module, "GPUModelRunner", None) if module is not None else None
         if runner is not None and hasattr(runner, method):
             setattr(runner, method, wrap(getattr(runner, method)))
-            installed.append(name)
+            if name not in installed:
+                installed.append(name)
     if not installed:
         raise RuntimeError("caprese-vllm found no vLLM model runner to hook: unsupported vLLM version")
     _hooked = True

@@ -27,7 +27,6 @@ from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBa
 
 from caprese_vllm.engine import ops  # noqa: F401  (registers torch.ops.caprese.*)
 from caprese_vllm.engine.batch_state import CapreseBatchState, GriffinLayerState
-from caprese_vllm.lowrank import lowrank_forward
 from caprese_vllm.methods import MethodSpec, griffin_k
 
 
@@ -145,7 +144,6 @@ class CapreseMLP(nn.Module):
                                                 self.threshold, self.act)
         y, _ = self.down_proj(z)                          # [T, H]
         if self.lowrank_a is not None:
-            # Decode tokens only, selected with a where: a multiply by 0 would turn a prompt token's Inf into NaN.
-            lowrank = lowrank_forward(x, self.lowrank_a, self.lowrank_b)              # [T, H], float32 inside
-            y = torch.where(token_dense.unsqueeze(-1), y, y + lowrank)
+            # Decode tokens only (ops.add_lowrank: why it is a custom op, why a where).
+            y = torch.ops.caprese.add_lowrank(y, x, self.lowrank_a, self.lowrank_b, token_dense)   # [T, H]
         return y
