@@ -32,6 +32,14 @@ def _cli(*argv: str) -> str:
     return err[0]
 
 
+def _generate_refused(tmp_path: Path, model_dir: Path, *argv: str) -> str:
+    """`caprese-distill generate` with these flags: its one error line; asserts nothing was written."""
+    run_dir = tmp_path / "r"
+    line = _cli("generate", "--model", str(model_dir), "--run-dir", str(run_dir), *argv)
+    assert not run_dir.exists()
+    return line
+
+
 @pytest.fixture
 def model_dir(tmp_path) -> Path:
     d = tmp_path / "model"
@@ -140,10 +148,8 @@ def test_cuda_without_a_cuda_device(tmp_path, model_dir):
 ])
 def test_a_forgotten_value_does_not_swallow_the_next_flag(tmp_path, model_dir, argv, flag, value):
     """`--gsm8k-range --e2e-epochs 2` took "--e2e-epochs" for the range (and "2" went nowhere)."""
-    run_dir = tmp_path / "r"
-    line = _cli("generate", "--model", str(model_dir), "--run-dir", str(run_dir), *argv)
+    line = _generate_refused(tmp_path, model_dir, *argv)
     assert f"{flag} needs a value, got {value!r}" in line
-    assert not run_dir.exists()
 
 
 @pytest.mark.parametrize("argv, needs", [
@@ -153,10 +159,8 @@ def test_a_forgotten_value_does_not_swallow_the_next_flag(tmp_path, model_dir, a
 ])
 def test_a_range_without_its_file_is_refused(tmp_path, model_dir, argv, needs):
     """`--gsm8k-range` without `--gsm8k` (or `--questions-range` without `--questions`) was silently ignored."""
-    run_dir = tmp_path / "r"
-    line = _cli("generate", "--model", str(model_dir), "--run-dir", str(run_dir), *argv)
+    line = _generate_refused(tmp_path, model_dir, *argv)
     assert f"{argv[0]} is given but no file for it is: pass {needs} FILE" in line
-    assert not run_dir.exists()
 
 
 def test_a_range_with_its_file_in_the_config_file_applies(tmp_path):
@@ -175,10 +179,8 @@ def test_a_range_with_its_file_in_the_config_file_applies(tmp_path):
 ])
 def test_non_finite_settings_are_refused(tmp_path, model_dir, argv, field):
     """`--e2e-lr inf` passed `gt=0`."""
-    run_dir = tmp_path / "r"
-    line = _cli("generate", "--model", str(model_dir), "--run-dir", str(run_dir), *argv)
+    line = _generate_refused(tmp_path, model_dir, *argv)
     assert f"field {field}: Input should be a finite number" in line
-    assert not run_dir.exists()
 
 
 @pytest.mark.parametrize("section, key", [("fit", "ridge"), ("fit", "e2e_warmup"), ("data", "temperature"),

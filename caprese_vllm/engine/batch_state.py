@@ -123,11 +123,12 @@ class CapreseBatchState:
         # Free the slots of requests the runner dropped and of preempted ones (they restart from position 0,
         # see StepInfo.preempted_req_ids): live requests then never outnumber the running limit's slots.
         scheduled = set(info.req_ids)
-        for req_id in [r for r in self.slot_of if r in info.preempted_req_ids and r not in scheduled]:
-            self._save_selection(req_id, self.slot_of[req_id])
-        for req_id in [r for r in self.slot_of if r not in info.live_req_ids
-                       or (r in info.preempted_req_ids and r not in scheduled)]:
-            self.free_slots.append(self.slot_of.pop(req_id))
+        for req_id in list(self.slot_of):
+            preempted = req_id in info.preempted_req_ids and req_id not in scheduled
+            if preempted:
+                self._save_selection(req_id, self.slot_of[req_id])
+            if preempted or req_id not in info.live_req_ids:
+                self.free_slots.append(self.slot_of.pop(req_id))
         slots = np.empty(len(info.req_ids), dtype=np.int64)
         for i, req_id in enumerate(info.req_ids):
             slot = self.slot_of.get(req_id)
