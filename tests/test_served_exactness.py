@@ -70,7 +70,9 @@ def test_n_children_at_top_k_1_equal_the_greedy_answer(runs):
 
 def test_priority_preemption_answers_equal_alone(runs):
     run = runs[1]["preemption"]
-    assert run["preemptions"] > 0, "the KV cache was meant to force preemption"
+    assert run["preemptions"] > 0 or any(run["preemptions_per_request"]), (
+        f"the KV cache was meant to force preemption: {run['kv_cache']}, per request "
+        f"{run['preemptions_per_request']}, vllm:num_preemptions {run['preemptions']}")
     assert len(run["together"]) > 2 * 4 + 2, "more requests than state slots"
     for i, (together, alone) in enumerate(zip(run["together"], run["alone"])):
         assert together == alone, f"prompt {i}"

@@ -3,7 +3,7 @@
     python tests/vllm_exactness.py --model DIR [--adapter DIR] --out FILE
 
 One engine, compiled as `vllm serve` runs, `--scheduling-policy priority`, max_num_seqs 4 and a KV cache of
-4 blocks of 128 tokens:
+exactly 4 blocks of 128 tokens (`num_gpu_blocks_override`: a byte budget gives a machine-dependent count):
   scores: the prompt tokens' logprobs of SCORED prompts (prompt_logprobs, as echo + logprobs and lm-eval's
     loglikelihood read them) and the first answer token's;
   batches: greedy answers of one prompt alone, beside one other prompt and beside three (ids and logprobs);
@@ -58,10 +58,15 @@ def scoring(llm, SamplingParams) -> dict:  # noqa: N803 (vLLM's class, imported 
 def preemption(llm, SamplingParams) -> dict:  # noqa: N803
     params = SamplingParams(temperature=0, max_tokens=140, ignore_eos=True)
     priorities = [i % 4 for i in range(len(PREEMPT_PROMPTS))]
-    together = [list(o.outputs[0].token_ids) for o in llm.generate(PREEMPT_PROMPTS, params, priority=priorities)]
-    preempted = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    outputs = llm.generate(PREEMPT_PROMPTS, params, priority=priorities)
+    together = [list(o.outputs[0].token_ids) for o in outputs]
+    # per request (RequestOutput.metrics, vllm/v1/metrics/stats.py RequestStateStats), and vLLM's counter
+    per_request = [getattr(o.metrics, "num_preemptions", None) for o in outputs]
+    counter = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
     alone = [list(llm.generate([p], params)[0].outputs[0].token_ids) for p in PREEMPT_PROMPTS]
-    return {"together": together, "alone": alone, "preemptions": preempted}
+    cache = llm.llm_engine.vllm_config.cache_config
+    return {"together": together, "alone": alone, "preemptions": counter, "preemptions_per_request": per_request,
+            "kv_cache": {"num_blocks": cache.num_gpu_blocks, "block_size": cache.block_size}}
 
 
 def main() -> None:
@@ -74,9 +79,10 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     extra = {"additional_config": {"caprese_adapter": args.adapter}} if args.adapter else {}
-    # SmolLM2-135M in bf16: 30 layers x 2 x 3 KV heads x 64 x 2 bytes = 22.5 KiB a token
+    # SmolLM2-135M in bf16: 30 layers x 2 x 3 KV heads x 64 x 2 bytes = 22.5 KiB a token; the byte budget
+    # holds 8 blocks of 128 tokens, the override keeps 4 (one is vLLM's null block: 3 for requests)
     llm = LLM(model=args.model, dtype="bfloat16", max_model_len=256, enforce_eager=False,
-              kv_cache_memory_bytes=4 * 128 * 23040, seed=0, enable_prefix_caching=False, max_num_seqs=4,
+              kv_cache_memory_bytes=8 * 128 * 23040, num_gpu_blocks_override=4, seed=0, enable_prefix_caching=False, max_num_seqs=4,
               scheduling_policy="priority", disable_log_stats=False, **extra)
     result = scoring(llm, SamplingParams)
     if args.adapter:
