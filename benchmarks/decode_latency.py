@@ -2,16 +2,24 @@
 
 Prints one table per model: ms per decode step at each batch size for
   dense      the model as is;
-  width7424  the same model with FF width 7424: the ceiling for 50% FF density + a rank-256 path;
-  caprese    GRIFFIN density 0.5 on every layer + a random rank-256 path (~0.8% extra parameters),
-             through the Triton kernels (caprese_kernels "on", the default on CUDA);
+  width      the same model with every FF layer as wide as a compressed layer reads (k kept neurons + the
+             rank); with --adapter-config, where only some layers are compressed, the `ceiling` row is
+             dense + (compressed fraction) x (width - dense), per batch size;
+  caprese    the configuration through the Triton kernels (caprese_kernels "on", the default on CUDA), a
+             random low-rank path (speed only);
   caprese-portable  the same through the portable masked PyTorch path (not run unless asked for).
+The configuration: with --adapter-config ADAPTER (a distilled adapter's directory or caprese.json) its
+method, density, compressed layers and ranks, mapped onto each model's shape by layer position (rank rule:
+distill/speed.py); without it GRIFFIN --density on every layer + rank --rank (default 0.5, 256, ~0.8% extra
+parameters). The table's title names it; --json-out with --adapter-config writes the file
+`caprese-distill ... --speed FILE` puts in that adapter's report.
 TTNT is measured as (time of a request with 1 + D output tokens - time with 1 output token) / D, on
 fresh random 256-token prompts (both variants prefill every prompt), D = 128 by default, median of
 repeats: per-request costs (Caprese's neuron selection) are spread over D tokens. Each variant runs
 in its own process (a fresh engine).
 
     python benchmarks/decode_latency.py --models llama-3.1-8b gemma-2-9b --batch-sizes 1 8 32
+    python benchmarks/decode_latency.py --adapter-config RUN_DIR/adapter --json-out speed.json
 """
 
 from __future__ import annotations
@@ -26,16 +34,35 @@ import tempfile
 import time
 from pathlib import Path
 
+from distill.speed import (
+    AdapterConfiguration,
+    MappedConfiguration,
+    SpeedResult,
+    load_adapter_configuration,
+    load_bench_shape,
+    map_configuration,
+)
+
 CONFIGS = Path(__file__).parent / "configs"
-VARIANTS = ("dense", "width7424", "caprese", "caprese-portable")
+VARIANTS = ("dense", "width", "caprese", "caprese-portable")
 # caprese: the Triton kernels; caprese-portable: the masked PyTorch path.
 KERNELS = {"caprese": "on", "caprese-portable": "off"}
 
 
-def make_model_dir(model: str, variant: str, root: Path, rank: int, density: float) -> tuple[Path, dict]:
+def configuration(model: str, args) -> MappedConfiguration:
+    """The configuration benchmarked at this model's shape: the adapter's, mapped, or the uniform one."""
+    shape = load_bench_shape(model)
+    if args.adapter_config:
+        return map_configuration(load_adapter_configuration(args.adapter_config), shape, args.rank_rule)
+    layers = list(range(shape.num_layers))
+    return MappedConfiguration(target=shape, rank_rule="absolute", layers=layers, density=args.density,
+                               ranks={i: args.rank for i in layers})
+
+
+def make_model_dir(model: str, variant: str, root: Path, mapped: MappedConfiguration) -> tuple[Path, dict]:
     config = json.loads((CONFIGS / f"{model}.json").read_text())
-    if variant == "width7424":
-        config["intermediate_size"] = 7424
+    if variant == "width":
+        config["intermediate_size"] = mapped.ff_width_read()
     model_dir = root / f"{model}-{variant}"
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(config))
@@ -47,8 +74,8 @@ def make_model_dir(model: str, variant: str, root: Path, rank: int, density: flo
         base = BaseModelInfo(architecture=config["architectures"][0], hidden_size=config["hidden_size"],
                              intermediate_size=config["intermediate_size"],
                              num_layers=config["num_hidden_layers"], fingerprint="sha256:dummy-weights")
-        method = MethodSpec(name="griffin", density=density, layers=list(range(base.num_layers)))
-        adapter = synthetic_adapter(base, method, rank=rank, scale=0.1, dtype="bfloat16")
+        spec = MethodSpec(name="griffin", density=mapped.density, layers=mapped.layers)
+        adapter = synthetic_adapter(base, spec, rank=mapped.ranks, scale=0.1, dtype="bfloat16")
         adapter.save(root / f"{model}-adapter")
         extra["additional_config"] = {"caprese_adapter": str(root / f"{model}-adapter"),
                                       "caprese_kernels": KERNELS[variant]}
@@ -68,7 +95,7 @@ def worker(args) -> None:
     from caprese_vllm.fork_safety import no_cpu_thread_pool
 
     with no_cpu_thread_pool():  # this process forks vLLM's engine core next
-        model_dir, extra = make_model_dir(args.models[0], args.variants[0], root, args.rank, args.density)
+        model_dir, extra = make_model_dir(args.models[0], args.variants[0], root, configuration(args.models[0], args))
     max_batch = max(args.batch_sizes)
     llm = LLM(model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=args.prompt_len + args.decode_steps + 8, max_num_seqs=max_batch,
@@ -107,13 +134,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["llama-3.1-8b", "gemma-2-9b"],
                         choices=sorted(p.stem for p in CONFIGS.glob("*.json")))
-    parser.add_argument("--variants", nargs="+", default=["dense", "width7424", "caprese"], choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=["dense", "width", "caprese"], choices=VARIANTS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--decode-steps", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rank", type=int, default=256)
-    parser.add_argument("--density", type=float, default=0.5)
+    parser.add_argument("--rank", type=int, default=256, help="without --adapter-config: rank on every layer")
+    parser.add_argument("--density", type=float, default=0.5, help="without --adapter-config: GRIFFIN density")
+    parser.add_argument("--adapter-config", type=Path, default=None,
+                        help="benchmark this adapter's configuration (directory or caprese.json)")
+    parser.add_argument("--rank-rule", choices=["ff-share", "absolute"], default="ff-share",
+                        help="how --adapter-config's ranks map onto the model's shape (distill/speed.py)")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--log-dir", type=Path, default=None, help="keep each engine's full log here")
     parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs")
@@ -123,6 +154,21 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    source = None
+    if args.adapter_config:
+        from caprese_vllm.adapter import AdapterError
+
+        try:
+            source = load_adapter_configuration(args.adapter_config)
+        except AdapterError as err:
+            raise SystemExit(f"decode_latency.py: error: {err}") from None
+        if source.method != "griffin":
+            raise SystemExit(f"decode_latency.py: error: --adapter-config {args.adapter_config}: method "
+                             f"{source.method!r}; only GRIFFIN adapters are benchmarked here (CATS thresholds are "
+                             "calibrated on the model's own activations and do not map onto dummy weights)")
+    mapped = {model: configuration(model, args) for model in args.models}
+    for model, m in mapped.items():
+        print(f"[{model}] configuration: {describe_run(m, source)}", flush=True)
 
     table: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as workdir:
@@ -132,6 +178,8 @@ def main() -> None:
                        "--variants", variant, "--batch-sizes", *map(str, args.batch_sizes),
                        "--prompt-len", str(args.prompt_len), "--decode-steps", str(args.decode_steps),
                        "--repeats", str(args.repeats), "--rank", str(args.rank), "--density", str(args.density),
+                       "--rank-rule", args.rank_rule,
+                       *(["--adapter-config", str(args.adapter_config)] if args.adapter_config else []),
                        *(["--enforce-eager"] if args.enforce_eager else [])]
                 start = time.perf_counter()
                 log_dir = args.log_dir or Path(workdir)
@@ -143,9 +191,30 @@ def main() -> None:
                 print(f"[{model} {variant}] done in {time.perf_counter() - start:.0f}s", flush=True)
                 for ln in caprese_lines[-6:]:
                     print("    " + ln[-220:], flush=True)
-    print_table(table, args.batch_sizes)
+    print_table(table, args.batch_sizes, mapped, source)
     if args.json_out:
-        args.json_out.write_text(json.dumps(table, indent=2))
+        args.json_out.write_text(result_json(table, mapped, source))
+
+
+def describe_run(mapped: MappedConfiguration, source: AdapterConfiguration | None) -> str:
+    if source is None:
+        return f"griffin {mapped.describe()} (uniform, not a distilled adapter's: speed only)"
+    return (f"{source.method} {mapped.describe()}, from adapter {source.adapter_sha256[:12]} "
+            f"({source.describe()}; ranks by {mapped.rank_rule})")
+
+
+def result_json(table: dict, mapped: dict[str, MappedConfiguration], source: AdapterConfiguration | None) -> str:
+    """With an adapter: a distill.speed.SpeedResult (what the report reads); else the plain table."""
+    if source is None:
+        return json.dumps(table, indent=2)
+    import torch
+    import vllm
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    result = SpeedResult(configuration=source, mapped=mapped, device=device, vllm_version=vllm.__version__,
+                         ttnt_ms={model: {variant: res["ttnt_ms"] for variant, res in variants.items()}
+                                  for model, variants in table.items()})
+    return result.model_dump_json(indent=2)
 
 
 def run_worker(cmd: list[str], log_path: Path, name: str) -> tuple[dict | None, str]:
@@ -161,23 +230,36 @@ def run_worker(cmd: list[str], log_path: Path, name: str) -> tuple[dict | None, 
     return json.loads(line[len("RESULT "):]), text
 
 
-def print_table(table: dict, batch_sizes: list[int]) -> None:
+def print_table(table: dict, batch_sizes: list[int], mapped: dict[str, MappedConfiguration],
+                source: AdapterConfiguration | None) -> None:
     for model, variants in table.items():
-        print(f"\n### {model}: ms per decode step (TTNT)\n")
-        print("| variant | " + " | ".join(f"batch {b}" for b in batch_sizes) + " | vs dense | vs width7424 |")
+        m = mapped[model]
+        print(f"\n### {model}: ms per decode step (TTNT); caprese = {describe_run(m, source)}\n")
+        print("| variant | " + " | ".join(f"batch {b}" for b in batch_sizes) + " | vs dense | vs ceiling |")
         print("|---|" + "---|" * (len(batch_sizes) + 2))
-        dense = variants.get("dense", {}).get("ttnt_ms", {})
-        ceiling = variants.get("width7424", {}).get("ttnt_ms", {})
-        for name, res in variants.items():
-            ttnt = res["ttnt_ms"]
-            cells = [f"{ttnt[str(b)] if str(b) in ttnt else ttnt[b]:.2f}" for b in batch_sizes]
+        rows = {name: res["ttnt_ms"] for name, res in variants.items()}
+        dense = rows.get("dense", {})
+        ceiling = ceiling_row(dense, rows.get("width", {}), m.compressed_fraction(), batch_sizes)
+        if ceiling and m.compressed_fraction() < 1:
+            rows["ceiling"] = ceiling
+        for name, ttnt in rows.items():
+            cells = [f"{_get(ttnt, b):.2f}" for b in batch_sizes]
 
             def ratios(ref):
                 if not ref:
                     return "-"
                 return " / ".join(f"{_get(ttnt, b) / _get(ref, b):.3f}" for b in batch_sizes)
 
-            print(f"| {name} | " + " | ".join(cells) + f" | {ratios(dense)} | {ratios(ceiling)} |")
+            label = f"width{m.ff_width_read()}" if name == "width" else name
+            print(f"| {label} | " + " | ".join(cells) + f" | {ratios(dense)} | {ratios(ceiling)} |")
+
+
+def ceiling_row(dense: dict, width: dict, fraction: float, batch_sizes: list[int]) -> dict:
+    """The bandwidth ceiling of a configuration that compresses `fraction` of the layers: each compressed
+    layer at the `width` model's per-layer cost, the rest at dense's (per-layer decode costs add up)."""
+    if not dense or not width:
+        return {}
+    return {b: _get(dense, b) + fraction * (_get(width, b) - _get(dense, b)) for b in batch_sizes}
 
 
 def _get(d: dict, b: int) -> float:

@@ -10,11 +10,17 @@ Per model shape and number of decode tokens T (each its own request, so each its
   floor   the weight bytes of the cheaper route / the copy bandwidth measured on this GPU: T tokens x
           (3k + 2r) rows gathered, or every row once (3I + 2r); `best` is the faster of the two routes
 All timed inside CUDA graphs (triton.testing.do_bench_cudagraph), as vLLM runs decode.
+With --adapter-config ADAPTER the density and the ranks are that adapter's, mapped onto each shape (layers by
+position, ranks by --rank-rule: distill/speed.py), each distinct rank timed, and a last table adds the FF
+time of one whole decode step for that configuration: compressed layers at the faster route, the others
+dense (without it: --density and --rank on every layer).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -117,12 +123,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--density", type=float, default=0.5)
-    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--density", type=float, default=0.5, help="without --adapter-config")
+    parser.add_argument("--rank", type=int, default=256, help="without --adapter-config: rank on every layer")
+    parser.add_argument("--adapter-config", type=Path, default=None,
+                        help="time this adapter's configuration (directory or caprese.json)")
+    parser.add_argument("--rank-rule", choices=["ff-share", "absolute"], default="ff-share")
     parser.add_argument("--sweep", action="store_true", help="time the gather kernels' launch settings at T=1")
     parser.add_argument("--sweep-masked", action="store_true",
                         help="time masked_gate_up's launch settings at each T of --tokens, then stop")
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from decode_latency import configuration, describe_run
+
+    from caprese_vllm.adapter import AdapterError
+    from distill.speed import load_adapter_configuration
+
+    try:
+        source = load_adapter_configuration(args.adapter_config) if args.adapter_config else None
+    except AdapterError as err:
+        raise SystemExit(f"kernel_latency.py: error: {err}") from None
+    if source is not None and source.method != "griffin":
+        raise SystemExit(f"kernel_latency.py: error: --adapter-config {args.adapter_config}: method {source.method!r}; "
+                         "only GRIFFIN adapters are timed here (CATS has no kernel of its own)")
+    mapped = {name: configuration(name, args) for name in args.models}
+    for name, m in mapped.items():
+        print(f"[{name}] configuration: {describe_run(m, source)}", flush=True)
 
     from triton.testing import do_bench_cudagraph
 
@@ -132,9 +157,9 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"GPU: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
-    for name in args.models:
+    for name, rank in [(name, r) for name in args.models for r in sorted(set(mapped[name].ranks.values()))]:
         hidden, inter, act = SHAPES[name]
-        k, rank = int(inter * args.density), args.rank
+        k = int(inter * mapped[name].density)
         w_gate_up = torch.randn(2 * inter, hidden, device="cuda", dtype=dtype) * 0.01
         w_down = torch.randn(hidden, inter, device="cuda", dtype=dtype) * 0.01
         a = torch.randn(hidden, rank, device="cuda", dtype=dtype) * 0.01
@@ -172,16 +197,37 @@ def main() -> None:
             times = {f.__name__: 1e3 * do_bench_cudagraph(f, rep=200) for f in (dense, gather, masked)}
             rows_read = min(tokens * (3 * k + 2 * rank), 3 * inter + 2 * rank)
             floor = 1e6 * rows_read * hidden * 2 / bandwidth
-            rows.append((name, tokens, times["dense"], times["gather"], times["masked"], floor))
-            print(f"  {name} T={tokens}: dense {times['dense']:.1f} us, gather {times['gather']:.1f} us, "
+            rows.append((name, rank, tokens, times["dense"], times["gather"], times["masked"], floor))
+            print(f"  {name} r={rank} T={tokens}: dense {times['dense']:.1f} us, gather {times['gather']:.1f} us, "
                   f"masked {times['masked']:.1f} us", flush=True)
+    print_tables(rows, mapped, source)
+
+
+def print_tables(rows: list[tuple], mapped: dict, source) -> None:
+    """rows: (model, rank, T, dense us, gather us, masked us, floor us) per timed FF layer."""
+    from decode_latency import describe_run
+
     print()
-    print(f"FF layer, one decode step (density {args.density}, rank {args.rank}; us)")
-    print("| model | T | dense | gather | masked | floor | gather/dense | masked/dense | best/floor |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, tokens, dense_us, gather_us, masked_us, floor in rows:
-        print(f"| {name} | {tokens} | {dense_us:.1f} | {gather_us:.1f} | {masked_us:.1f} | {floor:.1f} | "
+    print("FF layer, one decode step (us)")
+    print("| model | rank | T | dense | gather | masked | floor | gather/dense | masked/dense | best/floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, rank, tokens, dense_us, gather_us, masked_us, floor in rows:
+        print(f"| {name} | {rank} | {tokens} | {dense_us:.1f} | {gather_us:.1f} | {masked_us:.1f} | {floor:.1f} | "
               f"{gather_us / dense_us:.2f} | {masked_us / dense_us:.2f} | {min(gather_us, masked_us) / floor:.2f} |")
+    print()
+    print("FF of one whole decode step (us): compressed layers at the faster route, the others dense")
+    print("| model | configuration | T | dense | caprese | caprese/dense |")
+    print("|---|---|---|---|---|---|")
+    for name, m in mapped.items():
+        timed = {(rank, tokens): (dense_us, min(gather_us, masked_us))
+                 for n, rank, tokens, dense_us, gather_us, masked_us, _ in rows if n == name}
+        for tokens in sorted({t for _, t in timed}):
+            dense_layer = next(d for (r, t), (d, _) in timed.items() if t == tokens)
+            dense_step = dense_layer * m.target.num_layers
+            step = sum(timed[(m.ranks[j], tokens)][1] if j in m.ranks else dense_layer
+                       for j in range(m.target.num_layers))
+            print(f"| {name} | {describe_run(m, source)} | {tokens} | {dense_step:.0f} | {step:.0f} | "
+                  f"{step / dense_step:.3f} |")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
                         help=f"ready-made settings ({', '.join(preset_names())}; gsm8k-paper: the paper's recipe for "
                         "any --model); run dir defaults to ~/.cache/caprese/runs/PRESET")
     parser.add_argument("--model", help="HF checkpoint directory or a caprese-models name (smollm2-135m, ...)")
+    parser.add_argument("--speed", type=Path, help="evaluate only: the --json-out of benchmarks/decode_latency.py "
+                        "--adapter-config RUN_DIR/adapter (GPU, dummy weights at 8B/9B shapes); the report then "
+                        "carries this adapter's speed line")
     parser.add_argument("--run-dir", help="where everything is written (resumable)")
     parser.add_argument("--method", choices=["griffin", "cats"])
     parser.add_argument("--density", type=float)
@@ -72,7 +75,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
 
 _RANGE_FLAGS = ("--questions-range", "--gsm8k-range")
 # every option of the subcommands takes a value
-_VALUE_FLAGS = frozenset(("--config", "--preset", *("--" + flag.replace("_", "-") for flag in _FLAGS)))
+_VALUE_FLAGS = frozenset(("--config", "--preset", "--speed", *("--" + flag.replace("_", "-") for flag in _FLAGS)))
 
 
 def glue_range_values(argv: list[str]) -> list[str]:
@@ -124,6 +127,19 @@ def step_to_run_first(config: DistillConfig, command: str) -> tuple[str, Path] |
     return None
 
 
+def check_speed_file(speed: Path, command: str, run_dir: Path) -> None:
+    """Refuse --speed up front unless the command is `evaluate` and the file was measured for the adapter in
+    RUN_DIR/adapter (distill.speed.load_speed_result). Raises DistillError or AdapterError (one line)."""
+    from caprese_vllm.adapter.checkpoint import load_manifest
+    from distill.config import DistillError
+    from distill.speed import load_speed_result
+
+    if command != "evaluate":
+        raise DistillError(f"--speed applies to `caprese-distill evaluate` (the speed of the adapter a finished run "
+                           f"made), not `{command}`: run `{command}` first, then `evaluate --speed FILE`")
+    load_speed_result(speed, load_manifest(run_dir / "adapter"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caprese-distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         if first is not None:
             raise DistillError(f"{args.command}: {first[1]} does not exist yet; run `caprese-distill {first[0]}` "
                                "with the same settings first (or `caprese-distill run` for every step)")
+        if args.speed is not None:
+            check_speed_file(args.speed, args.command, config.run_dir)
         from distill.pipeline import Pipeline
 
         pipeline = Pipeline(config)
@@ -176,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fit: adapter written to {config.run_dir / 'adapter'} ({adapter.manifest.extra_params() / 1e6:.2f}M "
                   "low-rank parameters)", flush=True)
         if args.command in ("run", "evaluate"):
-            report = pipeline.evaluate()
+            report = pipeline.evaluate(speed=args.speed)
             print((config.run_dir / "report.md").read_text(), flush=True)
             if args.command == "run":
                 from distill.report import step_times

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -134,7 +135,9 @@ class Pipeline:
         self._record("fit_s", time.perf_counter() - t0)
         return adapter
 
-    def evaluate(self) -> dict:
+    def evaluate(self, speed: Path | None = None) -> dict:
+        """Evaluate (cached per adapter digest) and write report.json/md/png. `speed`: a checked
+        decode_latency.py --json-out for this adapter (cli.check_speed_file), kept as RUN_DIR/speed.json."""
         from distill.evaluate import run_evaluation
         from distill.report import active_params, build_report, write_report
 
@@ -164,11 +167,29 @@ class Pipeline:
             "active_params": active_params(model.num_parameters(), text.hidden_size, text.intermediate_size,
                                            ranks, method.density),
             "timings": timings,
+            "speed": self._speed_lines(adapter, speed),
         }
         fit = json.loads((run_dir / "fit" / "fit.json").read_text())
         report = build_report(meta, evaluation, fit)
         write_report(report, run_dir)
         return report
+
+    def _speed_lines(self, adapter: CapreseAdapter, speed: Path | None) -> list[str]:
+        """The report's speed lines from RUN_DIR/speed.json (copied from `speed` first); a file measured for
+        an earlier adapter of this run (refit since) is left out, with a log line."""
+        from caprese_vllm.adapter import AdapterError
+        from distill.speed import load_speed_result, speed_lines
+
+        kept = self.config.run_dir / "speed.json"
+        if speed is not None:
+            write_atomic(kept, Path(speed).read_text())
+        if not kept.exists():
+            return []
+        try:
+            return speed_lines(load_speed_result(kept, adapter.manifest))
+        except AdapterError as err:
+            print(f"caprese-distill: report: speed left out: {err}", file=sys.stderr, flush=True)
+            return []
 
     def _record(self, step: str, seconds: float) -> dict[str, float]:
         """Add one step's wall time to RUN_DIR/timings.json (a resumed step adds its remaining time)."""

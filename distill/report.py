@@ -85,6 +85,7 @@ def render_markdown(report: dict) -> str:
         f"Parameters per decode token: dense {params['dense'] / 1e6:.2f}M, {report['method']} "
         f"{params['sparse'] / 1e6:.2f}M, Caprese {params['caprese'] / 1e6:.2f}M (low-rank paths "
         f"{params['lowrank'] / 1e6:.2f}M = {100 * params['lowrank'] / params['dense']:.2f}% of the model).",
+        *report.get("speed", []),
         "",
         "Accuracy / length / truncation: greedy generation served by vLLM (length in tokens, end token "
         "excluded; truncation: the fraction of answers stopped by the length limit). Agreement / KL: "

@@ -74,3 +74,44 @@ def test_distilled_adapter_in_vllm_equals_reference(distilled_smol, model_dirs, 
     run = run_vllm_generate(model_dirs["smollm2-135m"], PROMPTS, 24, tmp_path,
                             extra_args={"additional_config": json.dumps({"caprese_adapter": str(adapter_dir)})})
     assert [o["token_ids"] for o in run.outputs] == expected
+
+
+def test_evaluate_with_speed_puts_this_adapters_speed_line_in_the_report(distilled_smol, tmp_path):
+    """issue 18 item 1: the report carries the speed measured for its own adapter's configuration (the
+    evaluation is cached per adapter digest, so this only re-renders the report)."""
+    import shutil
+
+    from distill.speed import AdapterConfiguration, SpeedResult, load_bench_shape, map_configuration
+
+    run_dir = tmp_path / "run"
+    for name in ("adapter", "data", "eval"):
+        shutil.copytree(distilled_smol / name, run_dir / name)
+    for name in ("config.json", "timings.json", "fit/fit.json"):
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(distilled_smol / name, run_dir / name)
+    manifest = CapreseAdapter.load(run_dir / "adapter").manifest
+    config = AdapterConfiguration.from_manifest(manifest)
+    speed = SpeedResult(configuration=config,
+                        mapped={"llama-3.1-8b": map_configuration(config, load_bench_shape("llama-3.1-8b"))},
+                        ttnt_ms={"llama-3.1-8b": {"dense": {1: 4.94}, "caprese": {1: 4.33}}}, device="NVIDIA H200")
+    (tmp_path / "speed.json").write_text(speed.model_dump_json())
+    distill = [str(Path(sys.executable).parent / "caprese-distill")]
+    settings = ["--preset", "smollm2-135m", "--run-dir", str(run_dir), "--speed", str(tmp_path / "speed.json")]
+
+    proc = subprocess.run(distill + ["run"] + settings, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "--speed applies to `caprese-distill evaluate`" in proc.stderr
+
+    proc = subprocess.run(distill + ["evaluate"] + settings, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (run_dir / "report.md").read_text()
+    assert "Speed at llama-3.1-8b shapes (density 0.5 on layers" in report
+    assert "batch 1: 4.94 -> 4.33 ms (-12.3%)" in report
+    assert json.loads((run_dir / "report.json").read_text())["speed"]
+
+    # measured for another configuration: refused before anything runs, the kept speed.json untouched
+    other = config.model_copy(update={"adapter_sha256": "f" * 64})
+    (tmp_path / "speed.json").write_text(speed.model_copy(update={"configuration": other}).model_dump_json())
+    proc = subprocess.run(distill + ["evaluate"] + settings, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "measured for adapter ffffffffffff" in proc.stderr.strip().splitlines()[-1]
+    assert (run_dir / "speed.json").read_text() != (tmp_path / "speed.json").read_text()

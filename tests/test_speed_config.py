@@ -1,0 +1,146 @@
+"""An adapter's configuration mapped onto the benchmark shapes, and the speed file the report accepts
+(issue 18 item 1: a speed figure names the configuration whose accuracy it goes with)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from caprese_vllm.adapter import AdapterError, BaseModelInfo, synthetic_adapter
+from caprese_vllm.methods import MethodSpec
+from distill.speed import (
+    AdapterConfiguration,
+    SpeedResult,
+    load_adapter_configuration,
+    load_bench_shape,
+    load_speed_result,
+    map_configuration,
+    map_layers,
+    speed_lines,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+QWEN05 = BaseModelInfo(architecture="Qwen2ForCausalLM", hidden_size=896, intermediate_size=4864, num_layers=24,
+                       fingerprint="sha256:test")
+
+
+def _adapter_dir(tmp_path: Path, layers: list[int], rank: int | dict[int, int] = 288) -> Path:
+    adapter = synthetic_adapter(QWEN05, MethodSpec(name="griffin", density=0.5, layers=layers), rank=rank)
+    adapter.save(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def test_first_half_maps_to_the_first_half_and_ranks_keep_their_share_of_the_ff(tmp_path):
+    config = load_adapter_configuration(_adapter_dir(tmp_path, list(range(12))) / "caprese.json")
+    llama = map_configuration(config, load_bench_shape("llama-3.1-8b"))
+    assert llama.layers == list(range(16))
+    # 288 * 14336 / 4864 = 848.8 -> 848 (a multiple of 16): the path is ~3.9% of its layer's FF weights on both
+    assert set(llama.ranks.values()) == {848}
+    assert abs(2 * 848 / (3 * 14336) - 2 * 288 / (3 * 4864)) < 1e-3
+    assert llama.ff_width_read() == 7168 + 848
+    assert llama.compressed_fraction() == 0.5
+    absolute = map_configuration(config, load_bench_shape("gemma-2-9b"), "absolute")
+    assert absolute.layers == list(range(21)) and set(absolute.ranks.values()) == {288}  # 42 layers
+    assert llama.describe() == "density 0.5 on layers 0-15 of 32, rank 848"
+    assert config.describe() == "griffin density 0.5 on layers 0-11 of 24, rank 288"
+
+
+def test_per_layer_choices_map_by_position():
+    assert map_layers([0, 23], 24, 32) == {0: 0, 1: 0, 31: 23}  # floor(j * 24 / 32)
+    assert map_layers(list(range(24)), 24, 32) == {j: j * 24 // 32 for j in range(32)}
+    assert map_layers([5], 24, 12) == {}  # no target layer sits at source layer 5's position
+    config = AdapterConfiguration(adapter_sha256="0" * 64, method="griffin", density=0.25,
+                                  source=load_bench_shape("llama-3.1-8b"), layers=[0, 1, 30, 31],
+                                  ranks={0: 64, 1: 128, 30: 4096, 31: 8})
+    mapped = map_configuration(config, load_bench_shape("gemma-2-9b"), "absolute")
+    assert mapped.layers == [0, 1, 2, 40, 41]
+    # ranks are capped at the hidden size and raised to at least one 16-wide tile
+    assert mapped.ranks == {0: 64, 1: 64, 2: 128, 40: 3584, 41: 16}
+    assert "ranks 16-3584 per layer" in mapped.describe()
+
+
+def test_the_report_takes_speed_only_for_its_own_adapter(tmp_path):
+    adapter = synthetic_adapter(QWEN05, MethodSpec(name="griffin", density=0.5, layers=list(range(12))), rank=288)
+    config = AdapterConfiguration.from_manifest(adapter.manifest)
+    shape = load_bench_shape("llama-3.1-8b")
+    result = SpeedResult(configuration=config, mapped={"llama-3.1-8b": map_configuration(config, shape)},
+                         ttnt_ms={"llama-3.1-8b": {"dense": {1: 4.94, 8: 5.22}, "caprese": {1: 4.33, 8: 5.09}}},
+                         device="NVIDIA H200", vllm_version="0.26.0")
+    path = tmp_path / "speed.json"
+    path.write_text(result.model_dump_json())
+    loaded = load_speed_result(path, adapter.manifest)
+    (line,) = speed_lines(loaded)
+    assert "llama-3.1-8b shapes (density 0.5 on layers 0-15 of 32, rank 848" in line
+    assert "batch 1: 4.94 -> 4.33 ms (-12.3%)" in line and "NVIDIA H200, vLLM 0.26.0" in line
+
+    other = synthetic_adapter(QWEN05, MethodSpec(name="griffin", density=0.5, layers=list(range(24))), rank=288)
+    with pytest.raises(AdapterError, match=r"--speed .*speed.json: measured for adapter .* not this run's adapter"):
+        load_speed_result(path, other.manifest)
+    path.write_text(json.dumps({"llama-3.1-8b": {"dense": {"ttnt_ms": {"1": 4.9}}}}))  # a table without an adapter
+    with pytest.raises(AdapterError, match=r"--speed .*: configuration: Field required; pass the --json-out"):
+        load_speed_result(path, adapter.manifest)
+    with pytest.raises(AdapterError, match="no such file|No such file"):
+        load_speed_result(tmp_path / "missing.json", adapter.manifest)
+
+
+def test_adapter_config_must_name_an_adapter(tmp_path):
+    with pytest.raises(AdapterError, match=r"--adapter-config .*: no caprese.json there"):
+        load_adapter_configuration(tmp_path)
+
+
+def _bench_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import decode_latency
+    finally:
+        sys.path.pop(0)
+    return decode_latency
+
+
+def test_decode_latency_table_names_the_configuration_and_interpolates_the_ceiling(tmp_path, capsys):
+    bench = _bench_module()
+    config = load_adapter_configuration(_adapter_dir(tmp_path, list(range(12))))
+    mapped = {"llama-3.1-8b": map_configuration(config, load_bench_shape("llama-3.1-8b"))}
+    table = {"llama-3.1-8b": {"dense": {"ttnt_ms": {"1": 5.0}}, "width": {"ttnt_ms": {"1": 3.0}},
+                              "caprese": {"ttnt_ms": {"1": 4.5}}}}
+    bench.print_table(table, [1], mapped, config)
+    out = capsys.readouterr().out
+    assert f"caprese = griffin density 0.5 on layers 0-15 of 32, rank 848, from adapter {config.adapter_sha256[:12]}" \
+        in out
+    # half the layers at the width model's cost: 5.0 + 0.5 * (3.0 - 5.0) = 4.0
+    assert "| ceiling | 4.00 | 0.800 | 1.000 |" in out
+    assert "| caprese | 4.50 | 0.900 | 1.125 |" in out
+    assert "| width8016 | 3.00 |" in out
+    written = SpeedResult.model_validate_json(bench.result_json(table, mapped, config))
+    assert written.ttnt_ms["llama-3.1-8b"]["caprese"] == {1: 4.5}
+
+
+def test_decode_latency_refuses_a_bad_adapter_config_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_latency.py"), "--adapter-config",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("decode_latency.py: error: --adapter-config ")
+    assert "Traceback" not in proc.stderr
+
+
+def test_kernel_latency_adds_up_a_whole_decode_step_for_the_configuration(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import kernel_latency
+    finally:
+        sys.path.pop(0)
+    config = load_adapter_configuration(_adapter_dir(tmp_path, list(range(12))))
+    mapped = {"llama-3.1-8b": map_configuration(config, load_bench_shape("llama-3.1-8b"))}
+    # (model, rank, T, dense us, gather us, masked us, floor us)
+    rows = [("llama-3.1-8b", 848, 1, 100.0, 60.0, 90.0, 50.0), ("llama-3.1-8b", 848, 8, 110.0, 200.0, 100.0, 80.0)]
+    kernel_latency.print_tables(rows, mapped, config)
+    out = capsys.readouterr().out
+    assert "| llama-3.1-8b | 848 | 1 | 100.0 | 60.0 | 90.0 | 50.0 | 0.60 | 0.90 | 1.20 |" in out
+    # 16 layers at the faster route + 16 dense: T=1 16 * 60 + 16 * 100 = 2560 of 3200; T=8 16 * 100 + 16 * 110
+    assert "rank 848, from adapter" in out
+    assert "| 1 | 3200 | 2560 | 0.800 |" in out
+    assert "| 8 | 3520 | 3360 | 0.955 |" in out
