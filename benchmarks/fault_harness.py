@@ -55,8 +55,7 @@ from fuzz_params import (  # noqa: E402
     COMPLETIONS, ConfigCase, FuzzRequest, ModelLimits, case_args, config_cases, corrupt_bytes,
     fuzz_requests, probe_body,
 )
-
-VLLM = str(Path(sys.executable).parent / "vllm")
+from serve_process import VLLM, ServeError, ServeProcess, free_port  # noqa: E402
 
 
 def _stream_echo_logprobs_n(req: FuzzRequest) -> bool:
@@ -615,49 +614,18 @@ def format_table(report: Report) -> str:
 # ---- the long mode -----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`vllm serve MODEL --caprese-adapter ADAPTER` on a free loopback port, its log in a file."""
+class Server(ServeProcess):
+    """`vllm serve MODEL --caprese-adapter ADAPTER --served-model-name NAME` (eager, 1 GiB KV cache); one
+    line and exit when it does not come up (benchmarks/serve_process.py)."""
 
     def __init__(self, model_dir: Path, adapter: Path, name: str, log_path: Path, max_model_len: int,
                  extra: list[str], dtype: str = "float32", startup_timeout_s: float = 900):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        cmd = [VLLM, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
-               "--caprese-adapter", str(adapter), "--served-model-name", name, "--dtype", dtype,
-               "--enforce-eager",
-               "--max-model-len", str(max_model_len), *extra]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-        deadline = time.monotonic() + startup_timeout_s
-        with httpx.Client(base_url=self.base_url) as client:
-            while health(client) != 200:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise SystemExit(f"fault_harness: error: vllm serve did not come up; see {log_path}")
-                time.sleep(1)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
+        args = ["--caprese-adapter", str(adapter), "--served-model-name", name, "--dtype", dtype, "--enforce-eager",
+                "--max-model-len", str(max_model_len), *extra]
+        try:
+            super().__init__(model_dir, args, log_path, startup_timeout_s, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+        except ServeError:
+            raise SystemExit(f"fault_harness: error: vllm serve did not come up; see {log_path}") from None
 
 
 def model_limits(model_dir: Path, name: str, max_model_len: int) -> ModelLimits:

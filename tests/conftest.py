@@ -14,6 +14,8 @@ import pytest
 from caprese_vllm.zoo import ensure_model
 
 TESTS_DIR = Path(__file__).parent
+sys.path.insert(0, str(TESTS_DIR.parent / "benchmarks"))
+from serve_process import ServeError, ServeProcess  # noqa: E402  (benchmarks/ is no package)
 # The catalog models the tests use (`make models` fetches the same); the larger ones are for GPU hosts.
 TEST_MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b")
 
@@ -80,54 +82,13 @@ def hf_models(model_dirs):
     return loaded
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class VllmServer:
-    """`vllm serve` as a child process on 127.0.0.1, its whole log kept in a file."""
+class VllmServer(ServeProcess):
+    """`vllm serve` for the tests: float32, max-model-len 1024, eager, a 1 GiB KV cache, then `args`
+    (benchmarks/serve_process.py); a server that does not come up fails the test with its log."""
 
     def __init__(self, model_dir: Path, args: list[str], log_path: Path, startup_timeout_s: int = 600):
-        import time
-        import urllib.request
-
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        vllm_bin = Path(sys.executable).parent / "vllm"
-        cmd = [str(vllm_bin), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
-               "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", *args]
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, start_new_session=True)
-        deadline = time.monotonic() + startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"vllm serve exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(1)
-        self.stop()
-        raise AssertionError(f"vllm serve not healthy after {startup_timeout_s}s:\n{self.log()[-4000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
+        try:
+            super().__init__(model_dir, ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", *args],
+                             log_path, startup_timeout_s, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+        except ServeError as err:
+            raise AssertionError(str(err)) from None
