@@ -115,13 +115,13 @@ class SpeedResult(BaseModel):
 
 
 def describe(method: str, density: float, layers: list[int], num_layers: int, ranks: dict[int, int]) -> str:
-    span = _spans(sorted(layers))
+    span = layer_spans(sorted(layers))
     distinct = sorted(set(ranks.values()))
     rank = f"rank {distinct[0]}" if len(distinct) == 1 else f"ranks {distinct[0]}-{distinct[-1]} per layer"
     return f"{method + ' ' if method else ''}density {density:g} on layers {span} of {num_layers}, {rank}"
 
 
-def _spans(layers: list[int]) -> str:
+def layer_spans(layers: list[int]) -> str:
     if not layers:
         return "none"
     parts, start = [], layers[0]
@@ -205,8 +205,8 @@ def speed_lines(result: SpeedResult) -> list[str]:
         if not dense or not caprese:
             continue
         batches = [b for b in sorted(caprese) if b in dense]
-        cells = ", ".join(f"batch {b}: {dense[b]:.2f} -> {caprese[b]:.2f} ms ({100 * (caprese[b] / dense[b] - 1):+.1f}%)"
-                          for b in batches)
+        cells = ", ".join(f"batch {b}: {dense[b]:.2f} -> {caprese[b]:.2f} ms "
+                          f"({100 * (caprese[b] / dense[b] - 1):+.1f}%)" for b in batches)
         mapped = result.mapped[model].describe() if model in result.mapped else "?"
         where = ", ".join(x for x in (result.device, f"vLLM {result.vllm_version}" if result.vllm_version else "")
                           if x)

@@ -1,0 +1,95 @@
+"""benchmarks/pareto.py (issue 18 item 2): points -> distill settings, the front, the table and the PNG, from
+the H200 reports kept in benchmarks/results (the GPU steps themselves run on a GPU host)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO / "benchmarks"))
+import pareto  # noqa: E402
+
+from distill.config import load_config  # noqa: E402
+from distill.speed import AdapterConfiguration, SpeedResult, load_bench_shape, map_configuration  # noqa: E402
+
+
+def test_layer_choices():
+    assert pareto.resolve_layers("first-half", 24) == list(range(12))
+    assert pareto.resolve_layers("all", 24) == list(range(24))
+    assert pareto.resolve_layers("0-5,18-23", 24) == [0, 1, 2, 3, 4, 5, 18, 19, 20, 21, 22, 23]
+    assert pareto.resolve_layers("7", 24) == [7]
+    for bad in ("0-24", "a-b", "3,3", "", "least-sensitive:4"):
+        with pytest.raises(ValueError, match="layers"):
+            pareto.resolve_layers(bad, 24)
+
+
+def test_least_sensitive_layers_come_from_the_measured_sparse_error(tmp_path):
+    errors = {str(i): 0.5 + 0.01 * ((i * 7) % 24) for i in range(24)}
+    (tmp_path / "report.json").write_text(json.dumps({"fit": {"relative_error": {"heldout": {"sparse": errors}}}}))
+    chosen = pareto.resolve_layers("least-sensitive:6", 24, tmp_path)
+    assert chosen == sorted(sorted(range(24), key=lambda i: errors[str(i)])[:6])
+    with pytest.raises(ValueError, match="measured 24 of 32 layers"):
+        pareto.resolve_layers("least-sensitive:6", 32, tmp_path)
+
+
+def test_a_point_is_the_preset_with_its_settings(tmp_path):
+    point = pareto.Point(name="all-d0.4", layers="all", density=0.4, rank=128, e2e_epochs=2, e2e_samples=5000)
+    path = tmp_path / "p.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(pareto.point_config(point, list(range(24)))))
+    config = load_config(path, {"model": "m", "run_dir": str(tmp_path / "run")})
+    assert config.layers == list(range(24)) and config.density == 0.4 and config.rank == 128
+    assert config.fit.e2e_epochs == 2 and config.fit.e2e_samples == 5000
+    assert config.data.num_samples == 20000 and config.eval.gsm8k_range == "-1000:"  # the preset's
+    with pytest.raises(ValueError):
+        pareto.Point(name="bad name/", layers="all")
+
+
+def _run_dir(root: Path, name: str, report: str, epochs: int, ttnt: dict[int, float] | None) -> Path:
+    run = root / name
+    run.mkdir()
+    shutil.copy(RESULTS / report, run / "report.json")
+    (run / "config.json").write_text(json.dumps({"fit": {"e2e_epochs": epochs}}))
+    if ttnt:
+        data = json.loads((run / "report.json").read_text())
+        config = AdapterConfiguration(adapter_sha256="0" * 64, method="griffin", density=data["density"],
+                                      source=load_bench_shape("llama-3.1-8b").model_copy(update={"num_layers": 24}),
+                                      layers=data["layers"], ranks={i: data["rank"] for i in data["layers"]})
+        speed = SpeedResult(configuration=config,
+                            mapped={"llama-3.1-8b": map_configuration(config, load_bench_shape("llama-3.1-8b"))},
+                            ttnt_ms={"llama-3.1-8b": {"dense": {1: 4.94, 8: 5.22},
+                                                      "caprese": {b: 4.94 * r if b == 1 else 5.22 * r
+                                                                  for b, r in ttnt.items()}}})
+        (run / "speed.json").write_text(speed.model_dump_json())
+    return run
+
+
+def test_table_marks_the_front_and_writes_md_json_png(tmp_path, capsys):
+    one = _run_dir(tmp_path, "first-half-1ep", "qwen2.5-coder-0.5b-gsm8k-dev-h200.json", 1, {1: 0.88, 8: 0.98})
+    two = _run_dir(tmp_path, "first-half-2ep", "qwen2.5-coder-0.5b-gsm8k-dev-h200-2epochs.json", 2,
+                   {1: 0.88, 8: 0.97})
+    untimed = _run_dir(tmp_path, "untimed", "qwen2.5-coder-0.5b-gsm8k-dev-h200.json", 1, None)
+    out = tmp_path / "out" / "front"
+    pareto.main(["table", str(one), str(two), str(untimed), str(tmp_path / "no-report"), "--out", str(out)])
+    rows = {r["name"]: r for r in json.loads(out.with_suffix(".json").read_text())}
+    # same TTNT ratio, 88.3% > 87.0% of the gap: only the 2-epoch point is on the front
+    assert rows["first-half-2ep"]["pareto"] and not rows["first-half-1ep"]["pareto"]
+    assert not rows["untimed"]["pareto"] and rows["untimed"]["ttnt_ratio"] == {}
+    assert abs(rows["first-half-2ep"]["gap_recovered"] - 0.8831) < 1e-3
+    text = out.with_suffix(".md").read_text()
+    assert "| first-half-2ep | 0-11 | 0.5 | 288 | 2 | 20000 | 24.9% | 88.3% | 0.997 |" in text
+    assert text.splitlines()[0].startswith("<!-- python benchmarks/pareto.py table ")
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "| 0.880 | 0.970 | yes |" in capsys.readouterr().out
+
+
+def test_table_refuses_when_nothing_finished(tmp_path):
+    with pytest.raises(SystemExit, match="none of the run directories has a report.json"):
+        pareto.main(["table", str(tmp_path)])
