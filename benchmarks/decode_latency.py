@@ -54,6 +54,9 @@ def configuration(model: str, args) -> MappedConfiguration:
     shape = load_bench_shape(model)
     if args.adapter_config:
         return map_configuration(load_adapter_configuration(args.adapter_config), shape, args.rank_rule)
+    if not 0 < args.density < 1 or int(shape.intermediate_size * args.density) < 1 or args.rank < 1:
+        raise ValueError(f"--density {args.density:g} --rank {args.rank}: the density must keep at least one of "
+                         f"{shape.name}'s {shape.intermediate_size} neurons and be below 1, the rank at least 1")
     layers = list(range(shape.num_layers))
     return MappedConfiguration(target=shape, rank_rule="absolute", layers=layers, density=args.density,
                                ranks={i: args.rank for i in layers})
@@ -164,13 +167,19 @@ def main() -> None:
             raise SystemExit(f"decode_latency.py: error: {err}") from None
         if source.method != "griffin":
             raise SystemExit(f"decode_latency.py: error: --adapter-config {args.adapter_config}: method "
-                             f"{source.method!r}; only GRIFFIN adapters are benchmarked here (CATS thresholds are "
-                             "calibrated on the model's own activations and do not map onto dummy weights)")
-    mapped = {model: configuration(model, args) for model in args.models}
+                             f"{source.method!r}; only GRIFFIN adapters are benchmarked here (a CATS threshold is "
+                             "calibrated on the model's own activations and does not carry over to dummy weights)")
+    if args.json_out and not args.json_out.parent.is_dir():
+        raise SystemExit(f"decode_latency.py: error: --json-out {args.json_out}: no folder {args.json_out.parent}")
+    try:
+        mapped = {model: configuration(model, args) for model in args.models}
+    except ValueError as err:
+        raise SystemExit(f"decode_latency.py: error: {err}") from None
     for model, m in mapped.items():
         print(f"[{model}] configuration: {describe_run(m, source)}", flush=True)
 
     table: dict[str, dict[str, dict]] = {}
+    failed: list[str] = []
     with tempfile.TemporaryDirectory() as workdir:
         for model in args.models:
             for variant in args.variants:
@@ -185,6 +194,7 @@ def main() -> None:
                 log_dir = args.log_dir or Path(workdir)
                 result, log_text = run_worker(cmd, log_dir / f"{model}-{variant}.log", f"{model} {variant}")
                 if result is None:
+                    failed.append(f"{model} {variant}")
                     continue
                 table.setdefault(model, {})[variant] = result
                 caprese_lines = [ln for ln in log_text.splitlines() if "caprese" in ln.lower()]
@@ -192,6 +202,9 @@ def main() -> None:
                 for ln in caprese_lines[-6:]:
                     print("    " + ln[-220:], flush=True)
     print_table(table, args.batch_sizes, mapped, source)
+    if failed:  # a partial table must not become a speed file a report would take for the whole measurement
+        raise SystemExit(f"decode_latency.py: error: {', '.join(failed)} failed (logs above); "
+                         f"{'--json-out not written' if args.json_out else 'table incomplete'}")
     if args.json_out:
         args.json_out.write_text(result_json(table, mapped, source))
 

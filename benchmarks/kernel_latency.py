@@ -144,10 +144,16 @@ def main() -> None:
         raise SystemExit(f"kernel_latency.py: error: {err}") from None
     if source is not None and source.method != "griffin":
         raise SystemExit(f"kernel_latency.py: error: --adapter-config {args.adapter_config}: method {source.method!r}; "
-                         "only GRIFFIN adapters are timed here (CATS has no kernel of its own)")
-    mapped = {name: configuration(name, args) for name in args.models}
+                         "only GRIFFIN adapters are timed here (the kernels are GRIFFIN's)")
+    try:
+        mapped = {name: configuration(name, args) for name in args.models}
+    except ValueError as err:
+        raise SystemExit(f"kernel_latency.py: error: {err}") from None
     for name, m in mapped.items():
         print(f"[{name}] configuration: {describe_run(m, source)}", flush=True)
+    if not torch.cuda.is_available():
+        raise SystemExit("kernel_latency.py: error: needs a CUDA GPU (it times the Triton kernels and cuBLAS); "
+                         "run it on a GPU host (benchmarks/gpu_host.sh kernel_latency.py)")
 
     from triton.testing import do_bench_cudagraph
 

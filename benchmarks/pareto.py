@@ -33,9 +33,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from distill.speed import SpeedResult, layer_spans
+from distill.speed import layer_spans
 
 REPO = Path(__file__).resolve().parent.parent
 PRESET = REPO / "distill" / "presets" / "gsm8k-paper.yaml"
@@ -46,7 +46,7 @@ class Point(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="its run directory's name under --out")
     layers: str = "first-half"
     density: float | None = Field(None, gt=0, lt=1)
     rank: int | None = Field(None, gt=0)
@@ -62,23 +62,56 @@ def resolve_layers(spec: str, num_layers: int, sensitivity_run: Path | None = No
     if spec == "all":
         return list(range(num_layers))
     if spec.startswith("least-sensitive:"):
-        n = int(spec.split(":", 1)[1])
-        if sensitivity_run is None or not (sensitivity_run / "report.json").exists():
+        n = spec.split(":", 1)[1]
+        if not n.isdigit() or not 0 < int(n) <= num_layers:
+            raise ValueError(f"layers {spec!r}: N must be a whole number in [1, {num_layers}]")
+        report = (sensitivity_run / "report.json") if sensitivity_run else None
+        if report is None or not report.exists():
             raise ValueError(f"layers {spec!r} needs --sensitivity-run RUN_DIR (a finished run on every layer)")
-        errors = json.loads((sensitivity_run / "report.json").read_text())["fit"]["relative_error"]["heldout"]
-        sparse = {int(layer): err for layer, err in errors["sparse"].items()}
-        if len(sparse) != num_layers or not 0 < n <= num_layers:
-            raise ValueError(f"layers {spec!r}: {sensitivity_run} measured {len(sparse)} of {num_layers} layers")
-        return sorted(sorted(sparse, key=lambda layer: (sparse[layer], layer))[:n])
+        try:
+            errors = json.loads(report.read_text())["fit"]["relative_error"]["heldout"]["sparse"]
+            sparse = {int(layer): float(err) for layer, err in errors.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"layers {spec!r}: {report} has no fit.relative_error.heldout.sparse per layer (a "
+                             "caprese-distill report.json)") from None
+        if sorted(sparse) != list(range(num_layers)):
+            raise ValueError(f"layers {spec!r}: {report} measured {len(sparse)} of {num_layers} layers (it must "
+                             "compress every layer)")
+        return sorted(sorted(sparse, key=lambda layer: (sparse[layer], layer))[:int(n)])
     layers: list[int] = []
     for part in spec.split(","):
         lo, _, hi = part.partition("-")
-        if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
-            raise ValueError(f"layers {spec!r}: write first-half, all, least-sensitive:N or ranges like 0-11,20-23")
-        layers += list(range(int(lo), int(hi or lo) + 1))
-    if not layers or max(layers) >= num_layers or len(set(layers)) != len(layers):
-        raise ValueError(f"layers {spec!r}: distinct layers in [0, {num_layers}) expected")
+        lo, hi = lo.strip(), (hi.strip() if hi else lo.strip())
+        if not lo.isdigit() or not hi.isdigit() or not int(lo) <= int(hi) < num_layers:
+            raise ValueError(f"layers {spec!r}: write first-half, all, least-sensitive:N or ranges like 0-11,20-23 "
+                             f"of layers in [0, {num_layers})")
+        layers += list(range(int(lo), int(hi) + 1))
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers {spec!r}: a layer appears twice")
     return sorted(layers)
+
+
+def load_points(path: Path) -> list[Point]:
+    """points.yaml: a list of points with distinct names. Raises ValueError (one line) naming the file and
+    the point."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"--points {path}: {getattr(err, 'strerror', None) or 'not YAML'}") from None
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"--points {path}: expected a non-empty YAML list of points (see pareto.py --help)")
+    points = []
+    for i, item in enumerate(raw):
+        try:
+            points.append(Point.model_validate(item))
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(the point)"
+            raise ValueError(f"--points {path}: point {i + 1}: {where}: {first['msg']}") from None
+    names = [p.name for p in points]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--points {path}: point names must be distinct (each names its run directory)")
+    return points
 
 
 def point_config(point: Point, layers: list[int]) -> dict:
@@ -95,15 +128,38 @@ def point_config(point: Point, layers: list[int]) -> dict:
     return config
 
 
-def run_points(args) -> None:
-    points = [Point.model_validate(p) for p in yaml.safe_load(args.points.read_text())]
-    num_layers = json.loads((args.base_run / "config.json").read_text()).get("num_layers")
-    if num_layers is None:
-        from caprese_vllm.zoo import ensure_model
+def _model_dir(model: str) -> Path:
+    if Path(model).is_dir():
+        return Path(model).resolve()
+    from caprese_vllm.zoo import ensure_model
 
-        model_dir = Path(args.model) if Path(args.model).is_dir() else ensure_model(args.model, progress=False)
+    return ensure_model(model, progress=False)
+
+
+def run_points(args) -> None:
+    """Check everything first (points, files, the base run's data and model), then distil each point."""
+    points = load_points(args.points)
+    for flag, path in (("--questions", args.questions), ("--gsm8k", args.gsm8k)):
+        if not path.is_file():
+            raise ValueError(f"{flag} {path}: no such file")
+    if not (args.base_run / "data").is_dir() or not (args.base_run / "config.json").is_file():
+        raise ValueError(f"--base-run {args.base_run}: no data/ and config.json there (a gsm8k-paper run's "
+                         "directory after its generate step)")
+    known = sorted(p.stem for p in (REPO / "benchmarks" / "configs").glob("*.json"))
+    if bad := [m for m in args.speed_model if m not in known]:
+        raise ValueError(f"--speed-model {' '.join(bad)}: not in benchmarks/configs ({', '.join(known)})")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats {args.repeats}: at least 1")
+    try:
+        model_dir = _model_dir(args.model)
+        base_model = _model_dir(json.loads((args.base_run / "config.json").read_text())["model"])
         num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
-    plans = [(p, resolve_layers(p.layers, num_layers, args.sensitivity_run)) for p in points]  # all checked first
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        raise ValueError(f"--model {args.model} / --base-run {args.base_run}: {err}") from None
+    if base_model != model_dir:
+        raise ValueError(f"--base-run {args.base_run} was made with {base_model}, not --model {args.model}: its "
+                         "data would not be this model's answers")
+    plans = [(p, resolve_layers(p.layers, num_layers, args.sensitivity_run)) for p in points]
     distill = [sys.executable, "-m", "distill.cli"]
     for point, layers in plans:
         run_dir = args.out / point.name
@@ -133,30 +189,50 @@ class Row(BaseModel):
     samples: int
     gsm8k_accuracy: float
     gap_recovered: float | None
-    length_vs_dense: float
+    length_vs_dense: float | None
     params_ratio: float = Field(description="parameters read per decode token, Caprese / dense")
     ttnt_ratio: dict[int, float] = Field(default_factory=dict, description="batch -> Caprese / dense TTNT")
     pareto: bool = False
 
 
 def read_row(run_dir: Path, speed_model: str) -> Row:
-    report = json.loads((run_dir / "report.json").read_text())
-    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
-    fit = config.get("fit", {})
-    dense, caprese = report["results"]["dense"], report["results"]["caprese"]
-    params = report["active_params"]
+    """One run's row. Raises ValueError (one line, naming the file) for a report that is not a finished
+    caprese-distill report with GSM8K results; a speed.json that is not this run's adapter's is left out,
+    with a line on stderr."""
+    from caprese_vllm.adapter import AdapterError
+    from caprese_vllm.adapter.checkpoint import load_manifest
+    from distill.speed import load_speed_result
+
+    path = run_dir / "report.json"
+    try:
+        report = json.loads(path.read_text())
+        config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+        fit = config.get("fit", {})
+        dense, caprese = report["results"]["dense"], report["results"]["caprese"]
+        params = report["active_params"]
+        row = dict(name=run_dir.name, layers=layer_spans(report["layers"]), density=report["density"],
+                   rank=report["rank"], epochs=fit.get("e2e_epochs"),
+                   samples=fit.get("e2e_samples") or report["num_train_samples"],
+                   gsm8k_accuracy=caprese["gsm8k_accuracy"],
+                   gap_recovered=report["gap_recovered"].get("gsm8k_accuracy"),
+                   length_vs_dense=caprese["gsm8k_length"] / dense["gsm8k_length"] if dense["gsm8k_length"] else None,
+                   params_ratio=params["caprese"] / params["dense"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        what = f"no {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
+        raise ValueError(f"{path}: not a finished caprese-distill report with GSM8K results ({what}); run "
+                         "`caprese-distill run ... --gsm8k FILE` to finish it") from None
     ttnt = {}
     if (run_dir / "speed.json").exists():
-        speed = SpeedResult.model_validate_json((run_dir / "speed.json").read_text())
-        variants = speed.ttnt_ms.get(speed_model, {})
-        if "dense" in variants and "caprese" in variants:
-            ttnt = {b: variants["caprese"][b] / variants["dense"][b]
-                    for b in variants["caprese"] if b in variants["dense"]}
-    return Row(name=run_dir.name, layers=layer_spans(report["layers"]), density=report["density"], rank=report["rank"],
-               epochs=fit.get("e2e_epochs"), samples=fit.get("e2e_samples") or report["num_train_samples"],
-               gsm8k_accuracy=caprese["gsm8k_accuracy"], gap_recovered=report["gap_recovered"].get("gsm8k_accuracy"),
-               length_vs_dense=caprese["gsm8k_length"] / dense["gsm8k_length"],
-               params_ratio=params["caprese"] / params["dense"], ttnt_ratio=ttnt)
+        try:
+            speed = load_speed_result(run_dir / "speed.json", load_manifest(run_dir / "adapter"))
+        except AdapterError as err:
+            print(f"pareto.py: {run_dir.name}: speed left out: {err}", file=sys.stderr)
+        else:
+            variants = speed.ttnt_ms.get(speed_model, {})
+            if "dense" in variants and "caprese" in variants:
+                ttnt = {b: variants["caprese"][b] / variants["dense"][b]
+                        for b in variants["caprese"] if b in variants["dense"]}
+    return Row(**row, ttnt_ratio=ttnt)
 
 
 def mark_front(rows: list[Row], batch: int = 1) -> None:
@@ -179,7 +255,7 @@ def render_table(rows: list[Row], speed_model: str) -> str:
     for r in sorted(rows, key=lambda r: (r.ttnt_ratio.get(1, 9.0), -(r.gap_recovered or 0))):
         cells = [r.name, r.layers, f"{r.density:g}", str(r.rank), str(r.epochs or "-"), str(r.samples),
                  f"{100 * r.gsm8k_accuracy:.1f}%", "-" if r.gap_recovered is None else f"{100 * r.gap_recovered:.1f}%",
-                 f"{r.length_vs_dense:.3f}", f"{r.params_ratio:.3f}"]
+                 "-" if r.length_vs_dense is None else f"{r.length_vs_dense:.3f}", f"{r.params_ratio:.3f}"]
         cells += [f"{r.ttnt_ratio[b]:.3f}" if b in r.ttnt_ratio else "-" for b in batches]
         lines.append("| " + " | ".join(cells + ["yes" if r.pareto else ""]) + " |")
     return "\n".join(lines)
@@ -210,19 +286,37 @@ def render_plot(rows: list[Row], path: Path, speed_model: str) -> None:
     plt.close(fig)
 
 
+def output_paths(prefix: Path, runs: list[Path]) -> dict[str, Path]:
+    """PREFIX.md / .json / .png (suffixes appended: 'pareto-qwen2.5' stays whole). Raises ValueError when
+    one would overwrite a run's own report files."""
+    if not prefix.name:
+        raise ValueError(f"--out {prefix}: give a file name prefix, e.g. benchmarks/results/pareto-qwen05")
+    paths = {ext: prefix.with_name(prefix.name + "." + ext) for ext in ("md", "json", "png")}
+    own = {(run / f"report.{ext}").resolve() for run in runs for ext in ("md", "json", "png")}
+    if any(p.resolve() in own for p in paths.values()):
+        raise ValueError(f"--out {prefix}: would overwrite a run's report; write the table elsewhere")
+    return paths
+
+
 def table(args) -> None:
+    paths = output_paths(args.out, args.runs) if args.out else None
+    missing = [str(r) for r in args.runs if not (r / "report.json").exists()]
+    if missing:
+        print(f"pareto.py: no report.json (unfinished or mistyped), left out: {', '.join(missing)}", file=sys.stderr)
     rows = [read_row(run_dir, args.speed_model) for run_dir in args.runs if (run_dir / "report.json").exists()]
     if not rows:
-        raise SystemExit("pareto.py: error: none of the run directories has a report.json; pass finished runs")
+        raise ValueError("none of the run directories has a report.json; pass finished runs")
     mark_front(rows)
     text = render_table(rows, args.speed_model)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+    if paths:
+        paths["md"].parent.mkdir(parents=True, exist_ok=True)
         command = "python benchmarks/pareto.py table " + " ".join(str(r) for r in args.runs)
-        args.out.with_suffix(".md").write_text(f"<!-- {command} -->\n\n{text}\n")
-        args.out.with_suffix(".json").write_text(json.dumps([r.model_dump() for r in rows], indent=2) + "\n")
-        render_plot(rows, args.out.with_suffix(".png"), args.speed_model)
+        png_tmp = paths["png"].with_name(paths["png"].name + ".tmp.png")
+        render_plot(rows, png_tmp, args.speed_model)  # first: the step most likely to fail
+        paths["md"].write_text(f"<!-- {command} -->\n\n{text}\n")
+        paths["json"].write_text(json.dumps([r.model_dump() for r in rows], indent=2) + "\n")
+        png_tmp.replace(paths["png"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -245,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         run_points(args) if args.command == "run" else table(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         raise SystemExit(f"pareto.py: error: {err}") from None
 
 

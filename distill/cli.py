@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             config_file = preset_path(args.preset)
             overrides["run_dir"] = overrides["run_dir"] or str(default_run_dir(args.preset))
         config = load_config(config_file, overrides)
+        if args.speed is not None and args.command != "evaluate":
+            check_speed_file(args.speed, args.command, config.run_dir)
         first = step_to_run_first(config, args.command)
         if first is not None:
             raise DistillError(f"{args.command}: {first[1]} does not exist yet; run `caprese-distill {first[0]}` "

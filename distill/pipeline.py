@@ -181,8 +181,10 @@ class Pipeline:
         from distill.speed import load_speed_result, speed_lines
 
         kept = self.config.run_dir / "speed.json"
-        if speed is not None:
+        if speed is not None:  # checked up front (cli.check_speed_file) and again here, before it is kept
+            lines = speed_lines(load_speed_result(speed, adapter.manifest))
             write_atomic(kept, Path(speed).read_text())
+            return lines
         if not kept.exists():
             return []
         try:

@@ -23,14 +23,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from caprese_vllm.adapter import AdapterError
 from caprese_vllm.adapter.manifest import MANIFEST_FILE, CapreseManifest
 
 RankRule = Literal["ff-share", "absolute"]
+Milliseconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 RANK_MULTIPLE = 16
 BENCH_CONFIGS = Path(__file__).resolve().parent.parent / "benchmarks" / "configs"
 
@@ -93,9 +94,10 @@ class MappedConfiguration(BaseModel):
         return describe("", self.density, self.layers, self.target.num_layers, self.ranks)
 
     def ff_width_read(self) -> int:
-        """FF width a compressed layer reads per decode token: k kept neurons + the mean rank."""
+        """FF width a compressed layer reads per decode token: k kept neurons + the mean rank (a compressed
+        layer without a low-rank path counts 0)."""
         k = int(self.target.intermediate_size * self.density)
-        return k + round(sum(self.ranks.values()) / max(len(self.ranks), 1))
+        return k + round(sum(self.ranks.values()) / max(len(self.layers), 1))
 
     def compressed_fraction(self) -> float:
         return len(self.layers) / self.target.num_layers
@@ -109,15 +111,32 @@ class SpeedResult(BaseModel):
 
     configuration: AdapterConfiguration
     mapped: dict[str, MappedConfiguration]
-    ttnt_ms: dict[str, dict[str, dict[int, float]]] = Field(description="model -> variant -> batch -> ms")
+    ttnt_ms: dict[str, dict[str, dict[int, Milliseconds]]] = Field(description="model -> variant -> batch -> ms")
     device: str = ""
     vllm_version: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> SpeedResult:
+        """Every timed model has dense and Caprese at a common batch size and a mapping that is the one
+        map_configuration gives for this configuration (a hand-edited mapping would name another one)."""
+        if not self.ttnt_ms:
+            raise ValueError("no model was timed (every decode_latency.py worker failed?)")
+        for model, variants in self.ttnt_ms.items():
+            if not set(variants.get("dense", {})) & set(variants.get("caprese", {})):
+                raise ValueError(f"{model}: no batch size timed for both dense and caprese")
+            mapped = self.mapped.get(model)
+            if mapped is None:
+                raise ValueError(f"{model}: timed but not in `mapped`")
+            if mapped != map_configuration(self.configuration, mapped.target, mapped.rank_rule):
+                raise ValueError(f"{model}: `mapped` is not what this configuration maps to ({mapped.rank_rule})")
+        return self
 
 
 def describe(method: str, density: float, layers: list[int], num_layers: int, ranks: dict[int, int]) -> str:
     span = layer_spans(sorted(layers))
-    distinct = sorted(set(ranks.values()))
-    rank = f"rank {distinct[0]}" if len(distinct) == 1 else f"ranks {distinct[0]}-{distinct[-1]} per layer"
+    distinct = sorted(set(ranks.values()) | ({0} if set(layers) - set(ranks) else set()))
+    rank = ("no low-rank path" if distinct in ([], [0]) else f"rank {distinct[0]}" if len(distinct) == 1
+            else f"ranks {distinct[0]}-{distinct[-1]} per layer")
     return f"{method + ' ' if method else ''}density {density:g} on layers {span} of {num_layers}, {rank}"
 
 
@@ -151,8 +170,16 @@ def map_rank(rank: int, source: ModelShape, target: ModelShape, rule: RankRule) 
 
 def map_configuration(config: AdapterConfiguration, target: ModelShape,
                       rank_rule: RankRule = "ff-share") -> MappedConfiguration:
+    """Raises ValueError when the configuration compresses no layer of `target` (e.g. single layers of a
+    deeper model that fall between the target's positions) or keeps no neuron of its FF (k = 0)."""
     at = map_layers(config.layers, config.source.num_layers, target.num_layers)
-    ranks = {j: map_rank(config.ranks[i], config.source, target, rank_rule) for j, i in at.items()}
+    if not at:
+        raise ValueError(f"{config.describe()} maps onto no layer of {target.name} ({target.num_layers} layers); "
+                         "nothing there would run compressed")
+    if int(target.intermediate_size * config.density) < 1:
+        raise ValueError(f"density {config.density:g} keeps no neuron of {target.name}'s {target.intermediate_size}")
+    # a compressed layer may have no low-rank path (the manifest's ranks leave it out): none there either
+    ranks = {j: map_rank(config.ranks[i], config.source, target, rank_rule) for j, i in at.items() if i in config.ranks}
     return MappedConfiguration(target=target, rank_rule=rank_rule, layers=sorted(at), ranks=ranks,
                                density=config.density)
 
@@ -184,8 +211,8 @@ def load_speed_result(path: str | Path, manifest: CapreseManifest) -> SpeedResul
         result = SpeedResult.model_validate_json(path.read_bytes())
     except OSError as err:
         raise AdapterError(f"--speed {path}: {err.strerror or err}") from None
-    except ValidationError as err:
-        first = err.errors()[0]
+    except (ValidationError, ValueError) as err:
+        first = err.errors()[0] if isinstance(err, ValidationError) else {"loc": (), "msg": str(err)}
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise AdapterError(f"--speed {path}: {where}: {first['msg']}; pass the --json-out file of "
                            "benchmarks/decode_latency.py run with --adapter-config") from None

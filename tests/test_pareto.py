@@ -53,20 +53,28 @@ def test_a_point_is_the_preset_with_its_settings(tmp_path):
 
 
 def _run_dir(root: Path, name: str, report: str, epochs: int, ttnt: dict[int, float] | None) -> Path:
+    """A finished run: the kept H200 report, its adapter's configuration (a synthetic adapter of that shape)
+    and, when `ttnt` is given, a speed.json for that adapter (Caprese/dense ratio per batch size)."""
+    from caprese_vllm.adapter import BaseModelInfo, synthetic_adapter
+    from caprese_vllm.methods import MethodSpec
+
     run = root / name
     run.mkdir()
     shutil.copy(RESULTS / report, run / "report.json")
     (run / "config.json").write_text(json.dumps({"fit": {"e2e_epochs": epochs}}))
+    data = json.loads((run / "report.json").read_text())
+    base = BaseModelInfo(architecture="Qwen2ForCausalLM", hidden_size=896, intermediate_size=4864, num_layers=24,
+                         fingerprint="sha256:test")
+    adapter = synthetic_adapter(base, MethodSpec(name="griffin", density=data["density"], layers=data["layers"]),
+                                rank=data["rank"])
+    adapter.save(run / "adapter")
     if ttnt:
-        data = json.loads((run / "report.json").read_text())
-        config = AdapterConfiguration(adapter_sha256="0" * 64, method="griffin", density=data["density"],
-                                      source=load_bench_shape("llama-3.1-8b").model_copy(update={"num_layers": 24}),
-                                      layers=data["layers"], ranks={i: data["rank"] for i in data["layers"]})
+        config = AdapterConfiguration.from_manifest(adapter.manifest)
+        dense = {1: 4.94, 8: 5.22}
         speed = SpeedResult(configuration=config,
                             mapped={"llama-3.1-8b": map_configuration(config, load_bench_shape("llama-3.1-8b"))},
-                            ttnt_ms={"llama-3.1-8b": {"dense": {1: 4.94, 8: 5.22},
-                                                      "caprese": {b: 4.94 * r if b == 1 else 5.22 * r
-                                                                  for b, r in ttnt.items()}}})
+                            ttnt_ms={"llama-3.1-8b": {"dense": dense, "caprese": {b: dense[b] * r
+                                                                                  for b, r in ttnt.items()}}})
         (run / "speed.json").write_text(speed.model_dump_json())
     return run
 
@@ -93,3 +101,62 @@ def test_table_marks_the_front_and_writes_md_json_png(tmp_path, capsys):
 def test_table_refuses_when_nothing_finished(tmp_path):
     with pytest.raises(SystemExit, match="none of the run directories has a report.json"):
         pareto.main(["table", str(tmp_path)])
+
+
+def test_table_checks_its_inputs_and_outputs(tmp_path, capsys):
+    """Found by trying to break it: --out lost everything after its last dot and could overwrite a run's own
+    report; a speed.json of another adapter counted; a report without GSM8K gave a KeyError traceback."""
+    run = _run_dir(tmp_path, "a", "qwen2.5-coder-0.5b-gsm8k-dev-h200.json", 1, {1: 0.9, 8: 1.0})
+    pareto.main(["table", str(run), "--out", str(tmp_path / "pareto-qwen2.5-coder-0.5b")])
+    assert (tmp_path / "pareto-qwen2.5-coder-0.5b.md").exists() and (tmp_path / "pareto-qwen2.5-coder-0.5b.png").exists()
+    with pytest.raises(SystemExit, match="would overwrite a run's report"):
+        pareto.main(["table", str(run), "--out", str(run / "report")])
+
+    other = _run_dir(tmp_path, "b", "qwen2.5-coder-0.5b-gsm8k-dev-h200.json", 1, None)
+    shutil.copy(run / "speed.json", other / "speed.json")  # measured for a's adapter, not b's (another seed)
+    from caprese_vllm.adapter import CapreseAdapter, synthetic_adapter
+
+    mine = CapreseAdapter.load(other / "adapter").manifest
+    synthetic_adapter(mine.base_model, mine.method, rank=288, scale=0.1, seed=5).save(other / "adapter")
+    capsys.readouterr()
+    pareto.main(["table", str(other)])
+    captured = capsys.readouterr()
+    assert "b: speed left out: --speed" in captured.err and "measured for adapter" in captured.err
+    assert captured.out.splitlines()[-1].endswith("| 0.885 |  |")  # no TTNT, not on the front
+
+    report = json.loads((other / "report.json").read_text())
+    for row in report["results"].values():
+        row.pop("gsm8k_accuracy")
+    (other / "report.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match=r"b/report.json: not a finished caprese-distill report with GSM8K "
+                                         r"results \(no 'gsm8k_accuracy'\)"):
+        pareto.main(["table", str(other)])
+
+
+def test_run_refuses_bad_points_before_anything_is_written(tmp_path):
+    points = tmp_path / "points.yaml"
+    base = tmp_path / "base"
+    (base / "data").mkdir(parents=True)
+    (base / "config.json").write_text(json.dumps({"model": str(tmp_path)}))
+    files = tmp_path / "q.jsonl"
+    files.write_text("{}\n")
+    argv = ["run", "--points", str(points), "--base-run", str(base), "--out", str(tmp_path / "out"), "--model",
+            str(tmp_path), "--questions", str(files), "--gsm8k", str(files)]
+    for text, message in [
+        ("- {name: a}\n- {name: a}\n", "point names must be distinct"),
+        ("- {name: ..}\n", r"point 1: name: String should match pattern"),
+        ("- {name: a, rank: 0}\n", "point 1: rank: Input should be greater than 0"),
+        ("[]\n", "expected a non-empty YAML list"),
+        ("- {name: a, layers: '0-99999999999'}\n", "no config.json|No such file"),  # (the model is checked first)
+    ]:
+        points.write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            pareto.main(argv)
+    points.write_text("- {name: a}\n")
+    with pytest.raises(SystemExit, match="--speed-model nope: not in benchmarks/configs"):
+        pareto.main(argv + ["--speed-model", "nope"])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"N must be a whole number in \[1, 24\]"):
+        pareto.resolve_layers("least-sensitive:0", 24)
+    with pytest.raises(ValueError, match="ranges like"):
+        pareto.resolve_layers("0-99999999999", 24)

@@ -144,3 +144,54 @@ def test_kernel_latency_adds_up_a_whole_decode_step_for_the_configuration(tmp_pa
     assert "rank 848, from adapter" in out
     assert "| 1 | 3200 | 2560 | 0.800 |" in out
     assert "| 8 | 3520 | 3360 | 0.955 |" in out
+
+
+def test_speed_files_with_impossible_times_or_another_mapping_are_refused(tmp_path):
+    """Found by trying to break it: a dense time of 0 passed the check, then divided by zero in the report
+    after the file had replaced the kept one; NaN/negative times and a hand-edited mapping went into it."""
+    adapter = synthetic_adapter(QWEN05, MethodSpec(name="griffin", density=0.5, layers=list(range(12))), rank=288)
+    config = AdapterConfiguration.from_manifest(adapter.manifest)
+    mapped = map_configuration(config, load_bench_shape("llama-3.1-8b"))
+    good = {"configuration": json.loads(config.model_dump_json()),
+            "mapped": {"llama-3.1-8b": json.loads(mapped.model_dump_json())},
+            "ttnt_ms": {"llama-3.1-8b": {"dense": {"1": 4.94}, "caprese": {"1": 4.33}}}}
+    path = tmp_path / "speed.json"
+    path.write_text(json.dumps(good))
+    load_speed_result(path, adapter.manifest)
+    edited_mapping = json.loads(json.dumps(good))
+    edited_mapping["mapped"]["llama-3.1-8b"]["ranks"]["0"] = 16
+    for bad, message in [
+        ('"dense": {"1": 0.0}', "Input should be greater than 0"),
+        ('"dense": {"1": NaN}', "finite number|Invalid JSON"),
+        ('"dense": {"1": -4.9}', "Input should be greater than 0"),
+        ('"dense": {"8": 4.9}', "no batch size timed for both dense and caprese"),
+        ('"ttnt_ms": {}', "no model was timed"),
+    ]:
+        text = json.dumps(good).replace('"dense": {"1": 4.94}', bad) if "dense" in bad else \
+            json.dumps(good).replace(json.dumps({"llama-3.1-8b": good["ttnt_ms"]["llama-3.1-8b"]}), "{}")
+        path.write_text(text)
+        with pytest.raises(AdapterError, match=message):
+            load_speed_result(path, adapter.manifest)
+    path.write_text(json.dumps(edited_mapping))
+    with pytest.raises(AdapterError, match="`mapped` is not what this configuration maps to"):
+        load_speed_result(path, adapter.manifest)
+
+
+def test_mapping_edge_cases_are_a_configuration_or_one_clear_error():
+    """Found by trying to break it: a compressed layer without a low-rank path raised KeyError; a
+    configuration landing on no target layer raised IndexError in describe()."""
+    partial = AdapterConfiguration(adapter_sha256="0" * 64, method="griffin", density=0.5,
+                                   source=load_bench_shape("llama-3.1-8b"), layers=[0, 1, 2], ranks={0: 64})
+    mapped = map_configuration(partial, load_bench_shape("llama-3.1-8b"), "absolute")
+    assert mapped.layers == [0, 1, 2] and mapped.ranks == {0: 64}
+    assert mapped.ff_width_read() == 7168 + 21  # the mean over compressed layers, 0 where there is no path
+    assert "ranks 0-64 per layer" in mapped.describe()
+    deep = AdapterConfiguration(adapter_sha256="0" * 64, method="griffin", density=0.5,
+                                source=load_bench_shape("llama-3.1-8b").model_copy(update={"num_layers": 36}),
+                                layers=[8, 17, 26, 35], ranks={8: 64, 17: 64, 26: 64, 35: 64})
+    with pytest.raises(ValueError, match="maps onto no layer of llama-3.1-8b"):
+        map_configuration(deep, load_bench_shape("llama-3.1-8b"))
+    sparse = partial.model_copy(update={"density": 0.00005})
+    with pytest.raises(ValueError, match="keeps no neuron"):
+        map_configuration(sparse, load_bench_shape("llama-3.1-8b"))
+    assert "no low-rank path" in partial.model_copy(update={"ranks": {}}).describe()
