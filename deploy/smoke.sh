@@ -40,10 +40,11 @@ fi
 # 2. The model and the adapter the container mounts (both built on the host, cached).
 MODEL_DIR=$("$BIN/caprese-models" fetch smollm2-135m)
 RUN_DIR=${RUN_DIR:-${CAPRESE_CACHE_DIR:-$HOME/.cache/caprese}/runs/smollm2-135m}
-if [ ! -f "$RUN_DIR/adapter/caprese.json" ]; then
-  say "distilling the default adapter into $RUN_DIR (CPU, ~20 min, once)"
-  "$BIN/caprese-distill" run --preset smollm2-135m --run-dir "$RUN_DIR"
-fi
+# Resumes a finished run in ~1 min (and repairs an adapter saved 0600 before files got the umask's mode:
+# the container reads it as another user); distils it first on a fresh machine (CPU, ~20 min, once).
+say "caprese-distill run --preset smollm2-135m --run-dir $RUN_DIR (log: /tmp/caprese-smoke-distill.log)"
+"$BIN/caprese-distill" run --preset smollm2-135m --run-dir "$RUN_DIR" >/tmp/caprese-smoke-distill.log 2>&1 \
+  || { tail -5 /tmp/caprese-smoke-distill.log; say "FAILED: caprese-distill run"; exit 1; }
 VLLM_API_KEY=smoke-$RANDOM$RANDOM
 export MODEL_DIR ADAPTER_DIR="$RUN_DIR/adapter" PORT CAPRESE_CPU_IMAGE="$IMAGE" CPU_BASE_IMAGE="$BASE_IMAGE" \
   SERVED_MODEL_NAME=smollm2-caprese MAX_MODEL_LEN=2048 VLLM_API_KEY

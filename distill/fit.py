@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from caprese_vllm.adapter import CapreseAdapter, base_info_from_model
 from caprese_vllm.adapter.manifest import CapreseManifest, LowRankInfo, TrainingInfo
+from caprese_vllm.file_modes import readable_by_all
 from caprese_vllm.methods import MethodSpec
 from distill.capture import LayerStats, capture_stats, load_stats, save_stats
 from distill.config import DistillConfig, write_atomic
@@ -58,6 +59,7 @@ def fit_adapter(config: DistillConfig, model, tokenizer, method: MethodSpec, ran
     final_dir = config.run_dir / "adapter"
     if (final_dir / "caprese.json").exists():
         print(f"fit: {final_dir} already fitted", flush=True)
+        readable_by_all(final_dir)  # adapters saved before files got the umask's mode were 0600
         return CapreseAdapter.load(final_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     timings = {}

@@ -355,3 +355,27 @@ def test_serve_time_values_are_checked_against_the_model_with_one_line(model_dir
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and last.startswith("vllm: error: ") and fragment in last, last
     assert "Traceback" not in proc.stderr
+
+
+def test_saved_adapter_files_are_readable_by_other_users(smol_base, tmp_path):
+    """deploy/smoke.sh found it: safetensors writes 0600 and the server image runs as another user, so the
+    mounted adapter was 'unreadable (Permission denied)'. Saved files now get the umask's mode."""
+    import os
+
+    method = MethodSpec(name="griffin", density=0.5, layers=[0, 1])
+    for umask, want in ((0o022, 0o644), (0o077, 0o600)):  # the user's umask decides, as for open()
+        mask = os.umask(umask)
+        try:
+            saved = synthetic_adapter(smol_base, method, rank=8).save(tmp_path / oct(umask))
+        finally:
+            os.umask(mask)
+        for name in (TENSORS_FILE, MANIFEST_FILE):
+            assert (saved / name).stat().st_mode & 0o777 == want, (name, oct(umask))
+
+
+def test_a_0600_adapter_from_before_is_repaired_on_its_next_use(adapter_dir):
+    from caprese_vllm.file_modes import readable_by_all
+
+    (adapter_dir / TENSORS_FILE).chmod(0o600)
+    readable_by_all(adapter_dir)  # what `caprese-distill run/fit` does to an already fitted adapter
+    assert (adapter_dir / TENSORS_FILE).stat().st_mode & 0o777 == 0o644

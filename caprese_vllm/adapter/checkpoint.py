@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from caprese_vllm.adapter.manifest import (
     FORMAT_VERSION, MANIFEST_FILE, TENSORS_FILE, BaseModelInfo, CapreseManifest, Integrity,
 )
+from caprese_vllm.file_modes import share_like_open
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_MANIFEST_BYTES = 1 << 20      # a real caprese.json is a few KiB
@@ -66,6 +67,7 @@ class CapreseAdapter:
             tensors[name_b] = self.lowrank_b[layer].detach().to("cpu", dtype).contiguous()
         tmp = directory / (TENSORS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt", "caprese_format_version": str(FORMAT_VERSION)})
+        share_like_open(tmp)  # safetensors writes 0600; the server image reads it as another user
         tensors_sha256 = _file_sha256(tmp)
         tmp.replace(directory / TENSORS_FILE)
         manifest = self.manifest.model_copy(update={"integrity": None})

