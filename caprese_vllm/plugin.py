@@ -121,12 +121,26 @@ def _create_engine_config_single_threaded(original, engine_args, *args, **kwargs
     from caprese_vllm.observability import watch_engines
 
     check_architecture(vllm_config)
+    check_parallelism(vllm_config)
     adapter = load_checked_adapter(serve, vllm_config, adapter)  # sizes and weight fingerprint vs. the model
     resolve_kernels(serve, vllm_config, adapter.manifest.method.name)
     os.environ[ACTIVE_ENV] = "1"
     register_models()
     watch_engines()  # before the engines start: they inherit its directory and confirm what they installed
     return vllm_config
+
+
+def check_parallelism(vllm_config) -> None:
+    """Raise AdapterError (one line) for tensor parallelism: GRIFFIN's per-token normalisation and top-k run over
+    all I neurons, which -tp splits across ranks (vllm MergedColumnParallelLinear); pipeline parallelism is
+    served (each stage installs the adapter's layers it holds: engine/install.py stage_layers)."""
+    from caprese_vllm.adapter import AdapterError
+
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if tp != 1:
+        raise AdapterError(f"caprese: --tensor-parallel-size {tp}: not supported with an adapter yet (GRIFFIN's "
+                           "top-k runs over all FF neurons, which tensor parallelism splits across GPUs); serve "
+                           "with -tp 1, and -pp N to spread the layers over N GPUs")
 
 
 def check_architecture(vllm_config) -> None:

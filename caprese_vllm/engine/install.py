@@ -90,39 +90,53 @@ def install_caprese(model: nn.Module, vllm_config) -> None:
     if serve is None:
         return
     parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
-        raise AdapterError("caprese: tensor/pipeline parallelism is not supported yet (GRIFFIN's top-k is "
-                           "over all neurons); serve with -tp 1 -pp 1")
+    if parallel.tensor_parallel_size != 1:
+        raise AdapterError("caprese: tensor parallelism is not supported yet (GRIFFIN's top-k is over all "
+                           "neurons, which -tp splits across GPUs); serve with -tp 1 (-pp N works)")
     adapter = load_checked_adapter(serve, vllm_config)
     manifest = adapter.manifest
     text = text_config(vllm_config.model_config.hf_config)
     device = next(model.parameters()).device
     sched = vllm_config.scheduler_config
+    local = stage_layers(model, manifest.method.layers)
     # The runner may hold more requests than it schedules at once (waiting, preempted): margin.
     griffin = manifest.method.name == "griffin"
     batch_state = CapreseBatchState(max_slots=2 * sched.max_num_seqs + 2,
                                     max_tokens=sched.max_num_batched_tokens + sched.max_num_seqs, device=device,
-                                    griffin_layers=len(manifest.method.layers) if griffin else 0,
+                                    griffin_layers=len(local) if griffin else 0,
                                     intermediate_size=text.intermediate_size,
                                     griffin_k=griffin_k(text.intermediate_size, manifest.method.density))
     act = _hidden_act(text)
     dtype = vllm_config.model_config.dtype
     layers = model.model.layers
-    for i in manifest.method.layers:
+    for i in local:
         layers[i].mlp = CapreseMLP(layers[i].mlp, i, manifest.method, manifest.lowrank.ranks.get(i), act,
                                    batch_state, text.hidden_size, text.intermediate_size, dtype,
                                    use_kernels=serve.kernels == "on")
     model._caprese_adapter = adapter
+    model._caprese_local_layers = local
     model._caprese_batch_state = batch_state
     set_step_listener(batch_state.on_step)
     base = manifest.base_model
+    stage = (f"; pipeline stage holds layers {model.model.start_layer}-{model.model.end_layer - 1}, {len(local)} of "
+             f"them compressed" if parallel.pipeline_parallel_size > 1 else "")
     logger.info("caprese: adapter %s loaded: %s, method %s density %.3f on %d/%d layers, low-rank ranks %s "
-                "(+%.2fM params)", serve.adapter, base.architecture, manifest.method.name, manifest.method.density,
+                "(+%.2fM params)%s", serve.adapter, base.architecture, manifest.method.name, manifest.method.density,
                 len(manifest.method.layers), base.num_layers, sorted(set(manifest.lowrank.ranks.values())),
-                manifest.extra_params() / 1e6)
+                manifest.extra_params() / 1e6, stage)
     model._caprese_summary = _summary(model, serve, vllm_config)
     if str(getattr(vllm_config.load_config, "load_format", "auto")) == "dummy":
         _confirm(model)  # no weights are loaded into the model (random values, by request): installed now
+
+
+def stage_layers(model: nn.Module, layers: list[int]) -> list[int]:
+    """The adapter's compressed layers that this pipeline stage holds: [start_layer, end_layer) of vLLM's
+    model (vllm/model_executor/models/utils.py make_layers; the others are PPMissingLayer). All of them
+    without pipeline parallelism."""
+    inner = model.model
+    start = getattr(inner, "start_layer", 0)
+    end = getattr(inner, "end_layer", len(inner.layers))
+    return [i for i in layers if start <= i < end]
 
 
 def _summary(model: nn.Module, serve: CapreseServeConfig, vllm_config):
@@ -150,7 +164,8 @@ def load_adapter_weights(model: nn.Module) -> set[str]:
         return set()
     params = dict(model.named_parameters())
     loaded = set()
-    for layer in adapter.manifest.lowrank.ranks:
+    local = set(getattr(model, "_caprese_local_layers", adapter.manifest.lowrank.ranks))
+    for layer in (i for i in adapter.manifest.lowrank.ranks if i in local):
         for src_name, tensor in zip(tensor_names(layer), (adapter.lowrank_a[layer], adapter.lowrank_b[layer])):
             name = f"model.layers.{layer}.mlp.{src_name.split('.')[-1]}"
             param = params[name]
