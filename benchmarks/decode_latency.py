@@ -167,8 +167,8 @@ def main() -> None:
             raise SystemExit(f"decode_latency.py: error: {err}") from None
         if source.method != "griffin":
             raise SystemExit(f"decode_latency.py: error: --adapter-config {args.adapter_config}: method "
-                             f"{source.method!r}; only GRIFFIN adapters are benchmarked here (a CATS threshold is "
-                             "calibrated on the model's own activations and does not carry over to dummy weights)")
+                             f"{source.method!r}; only GRIFFIN adapters are benchmarked here (the kernels are GRIFFIN's; "
+                             "a CATS threshold is calibrated on real activations, which dummy weights lack)")
     if args.json_out and not args.json_out.parent.is_dir():
         raise SystemExit(f"decode_latency.py: error: --json-out {args.json_out}: no folder {args.json_out.parent}")
     try:
