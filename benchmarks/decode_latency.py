@@ -157,26 +157,9 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    source = None
-    if args.adapter_config:
-        from caprese_vllm.adapter import AdapterError
-
-        try:
-            source = load_adapter_configuration(args.adapter_config)
-        except AdapterError as err:
-            raise SystemExit(f"decode_latency.py: error: {err}") from None
-        if source.method != "griffin":
-            raise SystemExit(f"decode_latency.py: error: --adapter-config {args.adapter_config}: method "
-                             f"{source.method!r}; only GRIFFIN adapters are benchmarked here (the kernels are GRIFFIN's; "
-                             "a CATS threshold is calibrated on real activations, which dummy weights lack)")
     if args.json_out and not args.json_out.parent.is_dir():
         raise SystemExit(f"decode_latency.py: error: --json-out {args.json_out}: no folder {args.json_out.parent}")
-    try:
-        mapped = {model: configuration(model, args) for model in args.models}
-    except ValueError as err:
-        raise SystemExit(f"decode_latency.py: error: {err}") from None
-    for model, m in mapped.items():
-        print(f"[{model}] configuration: {describe_run(m, source)}", flush=True)
+    source, mapped = resolve_configurations(args, "decode_latency.py")
 
     table: dict[str, dict[str, dict]] = {}
     failed: list[str] = []
@@ -207,6 +190,31 @@ def main() -> None:
                          f"{'--json-out not written' if args.json_out else 'table incomplete'}")
     if args.json_out:
         args.json_out.write_text(result_json(table, mapped, source))
+
+
+def resolve_configurations(args, prog: str) -> tuple[AdapterConfiguration | None, dict[str, MappedConfiguration]]:
+    """The source adapter's configuration (None without --adapter-config) and the configuration at each of
+    args.models' shapes, printed; SystemExit with one `PROG: error:` line for an adapter or a configuration
+    that cannot be benchmarked (not GRIFFIN, maps onto no layer, keeps no neuron)."""
+    from caprese_vllm.adapter import AdapterError
+
+    source = None
+    if args.adapter_config:
+        try:
+            source = load_adapter_configuration(args.adapter_config)
+        except AdapterError as err:
+            raise SystemExit(f"{prog}: error: {err}") from None
+        if source.method != "griffin":
+            raise SystemExit(f"{prog}: error: --adapter-config {args.adapter_config}: method {source.method!r}; "
+                             "only GRIFFIN adapters are benchmarked here (the kernels are GRIFFIN's; a CATS "
+                             "threshold is calibrated on real activations, which dummy weights lack)")
+    try:
+        mapped = {model: configuration(model, args) for model in args.models}
+    except ValueError as err:
+        raise SystemExit(f"{prog}: error: {err}") from None
+    for model, m in mapped.items():
+        print(f"[{model}] configuration: {describe_run(m, source)}", flush=True)
+    return source, mapped
 
 
 def describe_run(mapped: MappedConfiguration, source: AdapterConfiguration | None) -> str:

@@ -133,24 +133,9 @@ def main() -> None:
                         help="time masked_gate_up's launch settings at each T of --tokens, then stop")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from decode_latency import configuration, describe_run
+    from decode_latency import resolve_configurations
 
-    from caprese_vllm.adapter import AdapterError
-    from distill.speed import load_adapter_configuration
-
-    try:
-        source = load_adapter_configuration(args.adapter_config) if args.adapter_config else None
-    except AdapterError as err:
-        raise SystemExit(f"kernel_latency.py: error: {err}") from None
-    if source is not None and source.method != "griffin":
-        raise SystemExit(f"kernel_latency.py: error: --adapter-config {args.adapter_config}: method {source.method!r}; "
-                         "only GRIFFIN adapters are timed here (the kernels are GRIFFIN's)")
-    try:
-        mapped = {name: configuration(name, args) for name in args.models}
-    except ValueError as err:
-        raise SystemExit(f"kernel_latency.py: error: {err}") from None
-    for name, m in mapped.items():
-        print(f"[{name}] configuration: {describe_run(m, source)}", flush=True)
+    source, mapped = resolve_configurations(args, "kernel_latency.py")
     if not torch.cuda.is_available():
         raise SystemExit("kernel_latency.py: error: needs a CUDA GPU (it times the Triton kernels and cuBLAS); "
                          "run it on a GPU host (benchmarks/gpu_host.sh kernel_latency.py)")
