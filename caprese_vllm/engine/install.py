@@ -148,7 +148,10 @@ def _summary(model: nn.Module, serve: CapreseServeConfig, vllm_config):
     name = name[0] if isinstance(name, (list, tuple)) else name
     adapter = model._caprese_adapter
     return summarize(adapter, str(serve.adapter), str(name), fingerprint_source(vllm_config),
-                     adapter.manifest.method.density, "triton" if any(m.use_kernels for m in mlps) else "portable")
+                     adapter.manifest.method.density,
+                     # a pipeline stage without compressed layers reports what the others run
+                     "triton" if (any(m.use_kernels for m in mlps) if mlps else serve.kernels == "on"
+                                  and adapter.manifest.method.name == "griffin") else "portable")
 
 
 def _confirm(model: nn.Module) -> None:
