@@ -117,7 +117,7 @@ def _create_engine_config_single_threaded(original, engine_args, *args, **kwargs
     engine_args.enable_prefix_caching = False
     vllm_config = original(engine_args, *args, **kwargs)
 
-    from caprese_vllm.engine.install import load_checked_adapter
+    from caprese_vllm.engine.install import check_parallelism, load_checked_adapter
     from caprese_vllm.observability import watch_engines
 
     check_architecture(vllm_config)
@@ -128,19 +128,6 @@ def _create_engine_config_single_threaded(original, engine_args, *args, **kwargs
     register_models()
     watch_engines()  # before the engines start: they inherit its directory and confirm what they installed
     return vllm_config
-
-
-def check_parallelism(vllm_config) -> None:
-    """Raise AdapterError (one line) for tensor parallelism: GRIFFIN's per-token normalisation and top-k run over
-    all I neurons, which -tp splits across ranks (vllm MergedColumnParallelLinear); pipeline parallelism is
-    served (each stage installs the adapter's layers it holds: engine/install.py stage_layers)."""
-    from caprese_vllm.adapter import AdapterError
-
-    tp = vllm_config.parallel_config.tensor_parallel_size
-    if tp != 1:
-        raise AdapterError(f"caprese: --tensor-parallel-size {tp}: not supported with an adapter yet (GRIFFIN's "
-                           "top-k runs over all FF neurons, which tensor parallelism splits across GPUs); serve "
-                           "with -tp 1, and -pp N to spread the layers over N GPUs")
 
 
 def check_architecture(vllm_config) -> None:

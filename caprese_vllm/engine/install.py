@@ -84,15 +84,25 @@ def load_checked_adapter(serve: CapreseServeConfig, vllm_config,
     return adapter
 
 
+def check_parallelism(vllm_config) -> None:
+    """Raise AdapterError (one line) for tensor parallelism: GRIFFIN's per-token normalisation and top-k run over
+    all I neurons, which -tp splits across ranks (vllm MergedColumnParallelLinear); pipeline parallelism is
+    served (each stage installs the adapter's layers it holds: stage_layers). The plugin calls it before the
+    engine starts; install_caprese again in the engine (an engine made without the CLI hook)."""
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if tp != 1:
+        raise AdapterError(f"caprese: --tensor-parallel-size {tp}: not supported with an adapter yet (GRIFFIN's "
+                           "top-k runs over all FF neurons, which tensor parallelism splits across GPUs); serve "
+                           "with -tp 1, and -pp N to spread the layers over N GPUs")
+
+
 def install_caprese(model: nn.Module, vllm_config) -> None:
     """Swap the MLPs of the adapter's compressed layers; a no-op without caprese_adapter."""
     serve = CapreseServeConfig.from_additional_config(vllm_config.additional_config)
     if serve is None:
         return
     parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size != 1:
-        raise AdapterError("caprese: tensor parallelism is not supported yet (GRIFFIN's top-k is over all "
-                           "neurons, which -tp splits across GPUs); serve with -tp 1 (-pp N works)")
+    check_parallelism(vllm_config)
     adapter = load_checked_adapter(serve, vllm_config)
     manifest = adapter.manifest
     text = text_config(vllm_config.model_config.hf_config)
@@ -167,7 +177,7 @@ def load_adapter_weights(model: nn.Module) -> set[str]:
         return set()
     params = dict(model.named_parameters())
     loaded = set()
-    local = set(getattr(model, "_caprese_local_layers", adapter.manifest.lowrank.ranks))
+    local = set(model._caprese_local_layers)  # set with _caprese_adapter by install_caprese
     for layer in (i for i in adapter.manifest.lowrank.ranks if i in local):
         for src_name, tensor in zip(tensor_names(layer), (adapter.lowrank_a[layer], adapter.lowrank_b[layer])):
             name = f"model.layers.{layer}.mlp.{src_name.split('.')[-1]}"

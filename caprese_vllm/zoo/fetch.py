@@ -192,8 +192,6 @@ def _remove_stale_partials_if_idle(spec: GgufModelSpec, cache_dir: Path) -> None
         pass
 
 
-
-
 def _is_complete(target: Path, spec: GgufModelSpec) -> bool:
     marker = target / MARKER_FILE
     if not marker.is_file():
