@@ -34,7 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from caprese_vllm.methods import griffin_k
 from distill.speed import (
+    BENCH_CONFIGS,
     AdapterConfiguration,
     MappedConfiguration,
     SpeedResult,
@@ -43,18 +45,19 @@ from distill.speed import (
     map_configuration,
 )
 
-CONFIGS = Path(__file__).parent / "configs"
+CONFIGS = BENCH_CONFIGS
 VARIANTS = ("dense", "width", "caprese", "caprese-portable")
 # caprese: the Triton kernels; caprese-portable: the masked PyTorch path.
 KERNELS = {"caprese": "on", "caprese-portable": "off"}
 
 
-def configuration(model: str, args) -> MappedConfiguration:
-    """The configuration benchmarked at this model's shape: the adapter's, mapped, or the uniform one."""
+def configuration(model: str, args, source: AdapterConfiguration | None) -> MappedConfiguration:
+    """The configuration benchmarked at this model's shape: the adapter's (`source`, from --adapter-config),
+    mapped, or the uniform one of --density and --rank."""
     shape = load_bench_shape(model)
-    if args.adapter_config:
-        return map_configuration(load_adapter_configuration(args.adapter_config), shape, args.rank_rule)
-    if not 0 < args.density < 1 or int(shape.intermediate_size * args.density) < 1 or args.rank < 1:
+    if source is not None:
+        return map_configuration(source, shape, args.rank_rule)
+    if not 0 < args.density < 1 or griffin_k(shape.intermediate_size, args.density) < 1 or args.rank < 1:
         raise ValueError(f"--density {args.density:g} --rank {args.rank}: the density must keep at least one of "
                          f"{shape.name}'s {shape.intermediate_size} neurons and be below 1, the rank at least 1")
     layers = list(range(shape.num_layers))
@@ -98,7 +101,9 @@ def worker(args) -> None:
     from caprese_vllm.fork_safety import no_cpu_thread_pool
 
     with no_cpu_thread_pool():  # this process forks vLLM's engine core next
-        model_dir, extra = make_model_dir(args.models[0], args.variants[0], root, configuration(args.models[0], args))
+        source = load_adapter_configuration(args.adapter_config) if args.adapter_config else None
+        model_dir, extra = make_model_dir(args.models[0], args.variants[0], root,
+                                          configuration(args.models[0], args, source))
     max_batch = max(args.batch_sizes)
     llm = LLM(model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=args.prompt_len + args.decode_steps + 8, max_num_seqs=max_batch,
@@ -209,7 +214,7 @@ def resolve_configurations(args, prog: str) -> tuple[AdapterConfiguration | None
                              "only GRIFFIN adapters are benchmarked here (the kernels are GRIFFIN's; a CATS "
                              "threshold is calibrated on real activations, which dummy weights lack)")
     try:
-        mapped = {model: configuration(model, args) for model in args.models}
+        mapped = {model: configuration(model, args, source) for model in args.models}
     except ValueError as err:
         raise SystemExit(f"{prog}: error: {err}") from None
     for model, m in mapped.items():

@@ -143,6 +143,7 @@ def main() -> None:
     from triton.testing import do_bench_cudagraph
 
     from caprese_vllm.kernels.decode_mlp import caprese_ff, decode_workspace, fuse_weights
+    from caprese_vllm.methods import griffin_k
 
     dtype = torch.bfloat16
     bandwidth = copy_bandwidth()
@@ -150,7 +151,7 @@ def main() -> None:
     rows = []
     for name, rank in [(name, r) for name in args.models for r in sorted(set(mapped[name].ranks.values()))]:
         hidden, inter, act = SHAPES[name]
-        k = int(inter * mapped[name].density)
+        k = griffin_k(inter, mapped[name].density)
         w_gate_up = torch.randn(2 * inter, hidden, device="cuda", dtype=dtype) * 0.01
         w_down = torch.randn(hidden, inter, device="cuda", dtype=dtype) * 0.01
         a = torch.randn(hidden, rank, device="cuda", dtype=dtype) * 0.01

@@ -127,16 +127,12 @@ def step_to_run_first(config: DistillConfig, command: str) -> tuple[str, Path] |
     return None
 
 
-def check_speed_file(speed: Path, command: str, run_dir: Path) -> None:
-    """Refuse --speed up front unless the command is `evaluate` and the file was measured for the adapter in
-    RUN_DIR/adapter (distill.speed.load_speed_result). Raises DistillError or AdapterError (one line)."""
+def check_speed_file(speed: Path, run_dir: Path) -> None:
+    """Refuse --speed up front unless the file was measured for the adapter in RUN_DIR/adapter
+    (distill.speed.load_speed_result). Raises AdapterError (one line)."""
     from caprese_vllm.adapter.checkpoint import load_manifest
-    from distill.config import DistillError
     from distill.speed import load_speed_result
 
-    if command != "evaluate":
-        raise DistillError(f"--speed applies to `caprese-distill evaluate` (the speed of the adapter a finished run "
-                           f"made), not `{command}`: run `{command}` first, then `evaluate --speed FILE`")
     load_speed_result(speed, load_manifest(run_dir / "adapter"))
 
 
@@ -178,13 +174,15 @@ def main(argv: list[str] | None = None) -> int:
             overrides["run_dir"] = overrides["run_dir"] or str(default_run_dir(args.preset))
         config = load_config(config_file, overrides)
         if args.speed is not None and args.command != "evaluate":
-            check_speed_file(args.speed, args.command, config.run_dir)
+            raise DistillError(f"--speed applies to `caprese-distill evaluate` (the speed of the adapter a finished "
+                               f"run made), not `{args.command}`: run `{args.command}` first, then `evaluate "
+                               "--speed FILE`")
         first = step_to_run_first(config, args.command)
         if first is not None:
             raise DistillError(f"{args.command}: {first[1]} does not exist yet; run `caprese-distill {first[0]}` "
                                "with the same settings first (or `caprese-distill run` for every step)")
         if args.speed is not None:
-            check_speed_file(args.speed, args.command, config.run_dir)
+            check_speed_file(args.speed, config.run_dir)
         from distill.pipeline import Pipeline
 
         pipeline = Pipeline(config)

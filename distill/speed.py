@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from caprese_vllm.adapter import AdapterError
 from caprese_vllm.adapter.manifest import MANIFEST_FILE, CapreseManifest
+from caprese_vllm.methods import griffin_k
 
 RankRule = Literal["ff-share", "absolute"]
 Milliseconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -96,7 +97,7 @@ class MappedConfiguration(BaseModel):
     def ff_width_read(self) -> int:
         """FF width a compressed layer reads per decode token: k kept neurons + the mean rank (a compressed
         layer without a low-rank path counts 0)."""
-        k = int(self.target.intermediate_size * self.density)
+        k = griffin_k(self.target.intermediate_size, self.density)
         return k + round(sum(self.ranks.values()) / max(len(self.layers), 1))
 
     def compressed_fraction(self) -> float:
@@ -176,7 +177,7 @@ def map_configuration(config: AdapterConfiguration, target: ModelShape,
     if not at:
         raise ValueError(f"{config.describe()} maps onto no layer of {target.name} ({target.num_layers} layers); "
                          "nothing there would run compressed")
-    if int(target.intermediate_size * config.density) < 1:
+    if griffin_k(target.intermediate_size, config.density) < 1:
         raise ValueError(f"density {config.density:g} keeps no neuron of {target.name}'s {target.intermediate_size}")
     # a compressed layer may have no low-rank path (the manifest's ranks leave it out): none there either
     ranks = {j: map_rank(config.ranks[i], config.source, target, rank_rule) for j, i in at.items() if i in config.ranks}
@@ -227,14 +228,12 @@ def load_speed_result(path: str | Path, manifest: CapreseManifest) -> SpeedResul
 def speed_lines(result: SpeedResult) -> list[str]:
     """Markdown lines for the report: per target model, TTNT of dense and Caprese at each batch size."""
     lines = []
-    for model, variants in result.ttnt_ms.items():
-        dense, caprese = variants.get("dense"), variants.get("caprese")
-        if not dense or not caprese:
-            continue
+    for model, variants in result.ttnt_ms.items():  # SpeedResult checked: dense, caprese and mapped are there
+        dense, caprese = variants["dense"], variants["caprese"]
         batches = [b for b in sorted(caprese) if b in dense]
         cells = ", ".join(f"batch {b}: {dense[b]:.2f} -> {caprese[b]:.2f} ms "
                           f"({100 * (caprese[b] / dense[b] - 1):+.1f}%)" for b in batches)
-        mapped = result.mapped[model].describe() if model in result.mapped else "?"
+        mapped = result.mapped[model].describe()
         where = ", ".join(x for x in (result.device, f"vLLM {result.vllm_version}" if result.vllm_version else "")
                           if x)
         lines.append(f"- Speed at {model} shapes ({mapped}; dummy weights{', ' + where if where else ''}): "
