@@ -36,16 +36,16 @@ from pathlib import Path
 
 from caprese_vllm.methods import griffin_k
 from distill.speed import (
-    BENCH_CONFIGS,
+    TARGET_SHAPES,
     AdapterConfiguration,
     MappedConfiguration,
     SpeedResult,
     load_adapter_configuration,
     load_bench_shape,
     map_configuration,
+    target_shape_names,
 )
 
-CONFIGS = BENCH_CONFIGS
 VARIANTS = ("dense", "width", "caprese", "caprese-portable")
 # caprese: the Triton kernels; caprese-portable: the masked PyTorch path.
 KERNELS = {"caprese": "on", "caprese-portable": "off"}
@@ -66,7 +66,7 @@ def configuration(model: str, args, source: AdapterConfiguration | None) -> Mapp
 
 
 def make_model_dir(model: str, variant: str, root: Path, mapped: MappedConfiguration) -> tuple[Path, dict]:
-    config = json.loads((CONFIGS / f"{model}.json").read_text())
+    config = json.loads((TARGET_SHAPES / f"{model}.json").read_text())
     if variant == "width":
         config["intermediate_size"] = mapped.ff_width_read()
     model_dir = root / f"{model}-{variant}"
@@ -141,7 +141,7 @@ def worker(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["llama-3.1-8b", "gemma-2-9b"],
-                        choices=sorted(p.stem for p in CONFIGS.glob("*.json")))
+                        choices=target_shape_names())
     parser.add_argument("--variants", nargs="+", default=["dense", "width", "caprese"], choices=VARIANTS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=256)

@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from distill.speed import BENCH_CONFIGS, layer_spans
+from distill.speed import layer_spans, target_shape_names
 
 REPO = Path(__file__).resolve().parent.parent
 PRESET = REPO / "distill" / "presets" / "gsm8k-paper.yaml"
@@ -145,9 +145,9 @@ def run_points(args) -> None:
     if not (args.base_run / "data").is_dir() or not (args.base_run / "config.json").is_file():
         raise ValueError(f"--base-run {args.base_run}: no data/ and config.json there (a gsm8k-paper run's "
                          "directory after its generate step)")
-    known = sorted(p.stem for p in BENCH_CONFIGS.glob("*.json"))
+    known = target_shape_names()
     if bad := [m for m in args.speed_model if m not in known]:
-        raise ValueError(f"--speed-model {' '.join(bad)}: not in benchmarks/configs ({', '.join(known)})")
+        raise ValueError(f"--speed-model {' '.join(bad)}: not in distill/target_shapes ({', '.join(known)})")
     if args.repeats < 1:
         raise ValueError(f"--repeats {args.repeats}: at least 1")
     try:

@@ -34,7 +34,14 @@ from caprese_vllm.methods import griffin_k
 RankRule = Literal["ff-share", "absolute"]
 Milliseconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 RANK_MULTIPLE = 16
-BENCH_CONFIGS = Path(__file__).resolve().parent.parent / "benchmarks" / "configs"
+# The HF config.json of each target model the speed benchmarks build (dummy weights) and map adapters onto.
+# Package data beside this file: an installed (non-editable) package has no benchmarks/ folder.
+TARGET_SHAPES = Path(__file__).resolve().parent / "target_shapes"
+
+
+def target_shape_names() -> list[str]:
+    """Names accepted by target_shape / decode_latency.py --models (target_shapes/NAME.json)."""
+    return sorted(p.stem for p in TARGET_SHAPES.glob("*.json"))
 
 
 class ModelShape(BaseModel):
@@ -200,8 +207,8 @@ def load_adapter_configuration(path: str | Path) -> AdapterConfiguration:
 
 
 def load_bench_shape(name: str) -> ModelShape:
-    """A target shape from benchmarks/configs/NAME.json."""
-    return ModelShape.from_hf_config(name, json.loads((BENCH_CONFIGS / f"{name}.json").read_text()))
+    """A target shape from distill/target_shapes/NAME.json."""
+    return ModelShape.from_hf_config(name, json.loads((TARGET_SHAPES / f"{name}.json").read_text()))
 
 
 def load_speed_result(path: str | Path, manifest: CapreseManifest) -> SpeedResult:

@@ -153,7 +153,7 @@ def test_run_refuses_bad_points_before_anything_is_written(tmp_path):
         with pytest.raises(SystemExit, match=message):
             pareto.main(argv)
     points.write_text("- {name: a}\n")
-    with pytest.raises(SystemExit, match="--speed-model nope: not in benchmarks/configs"):
+    with pytest.raises(SystemExit, match="--speed-model nope: not in distill/target_shapes"):
         pareto.main(argv + ["--speed-model", "nope"])
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match=r"N must be a whole number in \[1, 24\]"):
