@@ -246,3 +246,17 @@ def test_check_parallelism_refuses_what_cannot_shard_in_one_line():
     tiny = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.05, layers=[0]), rank=4).manifest
     with pytest.raises(AdapterError, match="keeps k=2 neurons split over 4 ranks"):
         check_parallelism(_config(4, INTER), tiny, "local")
+
+
+def test_summary_says_and_exports_the_tensor_parallel_selection(tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from caprese_vllm.observability import ServedCollector, confirm_served, summarize
+
+    adapter = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.5, layers=[0, 1]), rank=4)
+    summary = summarize(adapter, "ad", "m", None, 0.5, "portable", tp_size=2, tp_selection="local")
+    assert summary.log_line().endswith("FF path: portable PyTorch; tensor parallel 2, local selection")
+    registry = CollectorRegistry()
+    registry.register(ServedCollector(tmp_path))
+    confirm_served(summary, tmp_path)
+    assert 'caprese:tensor_parallel{selection="local"} 2.0' in generate_latest(registry).decode()

@@ -85,7 +85,7 @@ def load_checked_adapter(serve: CapreseServeConfig, vllm_config,
     return adapter
 
 
-def resolve_tp_selection(serve: CapreseServeConfig, vllm_config, manifest) -> TpSelection:
+def resolve_tp_selection(serve: CapreseServeConfig, vllm_config, manifest, announce: bool = True) -> TpSelection:
     """The GRIFFIN selection under tensor parallelism: caprese_tp_selection, else the manifest's
     `tensor_parallel.selection` (exact when absent). Written back into serve (and additional_config, which vLLM
     hashes into its compile cache key: the modes trace different graphs). Logs one line when -tp > 1, and a
@@ -93,7 +93,7 @@ def resolve_tp_selection(serve: CapreseServeConfig, vllm_config, manifest) -> Tp
     fitted = manifest.tp_selection
     selection = serve.tp_selection or fitted
     tp = vllm_config.parallel_config.tensor_parallel_size
-    if tp > 1:
+    if tp > 1 and announce:  # the front-end's lines; the engine's ranks say it in their summary line
         if serve.tp_selection and serve.tp_selection != fitted:
             logger.warning("caprese: tensor-parallel selection overridden %s -> %s; the adapter was fitted for %s",
                            fitted, selection, fitted)
@@ -146,7 +146,7 @@ def install_caprese(model: nn.Module, vllm_config) -> None:
     parallel = vllm_config.parallel_config
     adapter = load_checked_adapter(serve, vllm_config)
     manifest = adapter.manifest
-    selection = resolve_tp_selection(serve, vllm_config, manifest)
+    selection = resolve_tp_selection(serve, vllm_config, manifest, announce=False)
     check_parallelism(vllm_config, manifest, selection)
     shard = _tensor_parallel_shard(selection, parallel)
     text = text_config(vllm_config.model_config.hf_config)
