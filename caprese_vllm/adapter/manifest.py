@@ -83,6 +83,9 @@ class CapreseManifest(BaseModel):
         self.method.check_layers(base.num_layers)
         if self.method.name == "griffin":
             check_griffin_k(base.intermediate_size, self.method.density, "method.density")
+        if self.tp_selection == "local" and self.method.name != "griffin":
+            raise ValueError(f"tensor_parallel.selection local applies to GRIFFIN adapters only, not "
+                             f"{self.method.name}")
         for layer, rank in self.lowrank.ranks.items():
             if layer not in self.method.layers:
                 raise ValueError(f"lowrank.ranks has layer {layer}, which method.layers does not compress")

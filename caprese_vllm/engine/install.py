@@ -88,7 +88,7 @@ def load_checked_adapter(serve: CapreseServeConfig, vllm_config,
 def resolve_tp_selection(serve: CapreseServeConfig, vllm_config, manifest, announce: bool = True) -> TpSelection:
     """The GRIFFIN selection under tensor parallelism: caprese_tp_selection, else the manifest's
     `tensor_parallel.selection` (exact when absent). Written back into serve (and additional_config, which vLLM
-    hashes into its compile cache key: the modes trace different graphs). Logs one line when -tp > 1, and a
+    hashes into its compile cache key: the modes trace different graphs under -tp > 1). Logs one line when -tp > 1, and a
     warning when the flag overrides what the adapter was fitted for."""
     fitted = manifest.tp_selection
     selection = serve.tp_selection or fitted
@@ -109,7 +109,7 @@ def resolve_tp_selection(serve: CapreseServeConfig, vllm_config, manifest, annou
                         selection, serve.tp_selection or selection, "" if serve.tp_selection else ", from the "
                         "adapter", how)
     serve.tp_selection = selection
-    if isinstance(vllm_config.additional_config, dict):
+    if tp > 1 and isinstance(vllm_config.additional_config, dict):  # at TP=1 both modes are one graph
         vllm_config.additional_config["caprese_tp_selection"] = selection
     return selection
 
