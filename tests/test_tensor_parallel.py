@@ -260,3 +260,34 @@ def test_summary_says_and_exports_the_tensor_parallel_selection(tmp_path):
     registry.register(ServedCollector(tmp_path))
     confirm_served(summary, tmp_path)
     assert 'caprese:tensor_parallel{selection="local"} 2.0' in generate_latest(registry).decode()
+
+
+def test_selection_comes_from_the_flag_else_the_manifest_else_exact(caplog):
+    import logging
+
+    from caprese_vllm.engine.install import resolve_tp_selection
+
+    logging.getLogger("vllm.caprese").addHandler(caplog.handler)   # vLLM's logger does not propagate
+    caplog.set_level(logging.INFO, logger="vllm.caprese")
+    fitted_local = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.5, layers=[0]), rank=4).manifest
+    fitted_local.tensor_parallel = TensorParallelInfo(selection="local", size=4)
+    plain = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.5, layers=[0]), rank=4).manifest
+    try:
+        for manifest, flag, want in [(plain, None, "exact"), (fitted_local, None, "local"),
+                                     (fitted_local, "exact", "exact"), (plain, "local", "local")]:
+            serve = CapreseServeConfig(adapter="a", tp_selection=flag)
+            config = _config(2, INTER)
+            config.additional_config = {"caprese_adapter": "a"}
+            caplog.clear()
+            assert resolve_tp_selection(serve, config, manifest) == want
+            assert serve.tp_selection == want and config.additional_config["caprese_tp_selection"] == want
+            assert f"caprese: tensor parallel 2: {want} GRIFFIN selection" in caplog.text
+            assert ("overridden" in caplog.text) == (flag is not None and flag != manifest.tp_selection)
+            assert ("fitted for local selection at -tp 4, served at -tp 2" in caplog.text) == (want == "local" and
+                                                                                               manifest is fitted_local)
+        at_tp1 = _config(1, INTER)
+        at_tp1.additional_config = {"caprese_adapter": "a"}
+        assert resolve_tp_selection(CapreseServeConfig(adapter="a"), at_tp1, plain) == "exact"
+        assert at_tp1.additional_config == {"caprese_adapter": "a"}, "TP=1: the compile cache key is unchanged"
+    finally:
+        logging.getLogger("vllm.caprese").removeHandler(caplog.handler)
