@@ -9,6 +9,7 @@ that is absent does) and rewrites the process's own argv:
     --caprese-density X               -> ... "caprese_density": X
     --caprese-check-fingerprint BOOL  -> ... "caprese_check_fingerprint": BOOL
     --caprese-kernels auto|on|off     -> ... "caprese_kernels": "auto" (GPU Triton kernels)
+    --caprese-tp-selection exact|local -> ... "caprese_tp_selection": "exact" (GRIFFIN under -tp > 1)
 
 vLLM's argparse keeps only the last `--additional-config`, so every other form of it is merged into
 that one JSON too (issue 17 item 9; the forms are vLLM 0.32's FlexibleArgumentParser's): the JSON
@@ -35,6 +36,7 @@ _FLAGS = {
     "--caprese-check-fingerprint": ("caprese_check_fingerprint",
                                     lambda v: {"true": True, "false": False}[v.lower()]),
     "--caprese-kernels": ("caprese_kernels", lambda v: {"auto": "auto", "on": "on", "off": "off"}[v.lower()]),
+    "--caprese-tp-selection": ("caprese_tp_selection", lambda v: {"exact": "exact", "local": "local"}[v.lower()]),
 }
 _ADDITIONAL = "--additional-config"
 _TRANSLATED_ENV = "CAPRESE_TRANSLATED_ARGV"  # the argv this process family already rewrote (children inherit it)

@@ -9,6 +9,7 @@ beside them as `caprese:*`:
     caprese:lowrank_rank{stat="min|max"} rank of the low-rank paths
     caprese:params{kind="dense|active|lowrank"}  parameters read per decode token
     caprese:kernels{path="triton|portable"}  1: the FF path the compressed layers run
+    caprese:tensor_parallel{selection="exact|local"}  -tp size, with the GRIFFIN selection it runs
     caprese:nonfinite_statistics_total   requests whose GRIFFIN statistic held NaN/Inf (they decode with
                                          the fallback selection); counted in the engine process(es),
                                          read at scrape time (engine/nonfinite.py)
@@ -56,6 +57,8 @@ class AdapterSummary(BaseModel):
     dense_params: int | None      # None when the checkpoint's size cannot be read (not a local dir)
     active_params: int | None
     kernels: Literal["triton", "portable"]  # the FF path the compressed layers run
+    tp_size: int = 1                         # defaults: what engines without tensor parallelism wrote
+    tp_selection: Literal["exact", "local"] = "exact"
 
     def log_line(self) -> str:
         params = ""
@@ -65,9 +68,10 @@ class AdapterSummary(BaseModel):
                       "fewer)")
         ranks = str(self.rank_min) if self.rank_min == self.rank_max else f"{self.rank_min}-{self.rank_max}"
         path = "Triton kernels" if self.kernels == "triton" else "portable PyTorch"
+        tp = f"; tensor parallel {self.tp_size}, {self.tp_selection} selection" if self.tp_size > 1 else ""
         return (f"caprese: serving {self.base_model} ({self.architecture}) with adapter {self.adapter}: "
                 f"{self.method} density {self.density:g} on {self.compressed_layers}/{self.num_layers} layers, "
-                f"low-rank rank {ranks} (+{self.lowrank_params / 1e6:.2f}M params){params}; FF path: {path}")
+                f"low-rank rank {ranks} (+{self.lowrank_params / 1e6:.2f}M params){params}; FF path: {path}{tp}")
 
 
 def checkpoint_num_params(model_dir: Path) -> int | None:
@@ -89,7 +93,8 @@ def checkpoint_num_params(model_dir: Path) -> int | None:
 
 
 def summarize(adapter: CapreseAdapter, adapter_path: str, model_name: str, model_dir: Path | None,
-              density: float, kernels: Literal["triton", "portable"]) -> AdapterSummary:
+              density: float, kernels: Literal["triton", "portable"], tp_size: int = 1,
+              tp_selection: Literal["exact", "local"] = "exact") -> AdapterSummary:
     m = adapter.manifest
     base = m.base_model
     ranks = list(m.lowrank.ranks.values()) or [0]
@@ -104,7 +109,7 @@ def summarize(adapter: CapreseAdapter, adapter_path: str, model_name: str, model
         fingerprint=base.fingerprint, method=m.method.name, density=density,
         compressed_layers=len(m.method.layers), num_layers=base.num_layers, rank_min=min(ranks),
         rank_max=max(ranks), lowrank_params=m.extra_params(), dense_params=dense, active_params=active,
-        kernels=kernels)
+        kernels=kernels, tp_size=tp_size, tp_selection=tp_selection)
 
 
 _SERVED_GLOB = "served-*.json"
@@ -201,6 +206,10 @@ class ServedCollector(_ScrapeTimeCollector):
         kernels = GaugeMetricFamily("caprese:kernels", "FF path of the compressed layers (value 1)", labels=["path"])
         kernels.add_metric([s.kernels], 1)
         yield kernels
+        tp = GaugeMetricFamily("caprese:tensor_parallel", "Tensor-parallel size, labelled with the GRIFFIN "
+                               "selection it runs (exact = as at TP=1, local = per rank)", labels=["selection"])
+        tp.add_metric([s.tp_selection], s.tp_size)
+        yield tp
 
 
 class NonfiniteCollector(_ScrapeTimeCollector):

@@ -117,11 +117,12 @@ def _create_engine_config_single_threaded(original, engine_args, *args, **kwargs
     engine_args.enable_prefix_caching = False
     vllm_config = original(engine_args, *args, **kwargs)
 
-    from caprese_vllm.engine.install import check_parallelism, load_checked_adapter
+    from caprese_vllm.engine.install import check_parallelism, load_checked_adapter, resolve_tp_selection
     from caprese_vllm.observability import watch_engines
 
     check_architecture(vllm_config)
-    check_parallelism(vllm_config)
+    selection = resolve_tp_selection(serve, vllm_config, adapter.manifest)  # logs it under -tp > 1
+    check_parallelism(vllm_config, adapter.manifest, selection)
     adapter = load_checked_adapter(serve, vllm_config, adapter)  # sizes and weight fingerprint vs. the model
     resolve_kernels(serve, vllm_config, adapter.manifest.method.name)
     os.environ[ACTIVE_ENV] = "1"
@@ -164,6 +165,11 @@ def resolve_kernels(serve, vllm_config, method: str) -> bool:
         why_not = f"they implement GRIFFIN only (the adapter's method is {method})"
     elif vllm_config.model_config.quantization is not None:
         why_not = f"they need unquantized weights (this model is {vllm_config.model_config.quantization})"
+    elif vllm_config.parallel_config.tensor_parallel_size > 1 and serve.tp_selection != "local":
+        # The kernels normalise each token over the rank's own neurons and take a fixed k per rank; exact
+        # selection needs the all-reduced norm and keeps a varying count per rank (engine/tensor_parallel.py).
+        why_not = ("they need a fixed neuron count per rank, which exact tensor-parallel selection does not "
+                   "have (caprese_tp_selection=local runs them)")
     if serve.kernels == "on" and why_not:
         raise ValueError(f"--additional-config caprese_kernels=on: {why_not}; use \"auto\" or \"off\"")
     use = serve.kernels != "off" and why_not is None

@@ -235,6 +235,46 @@ def test_both_routes_equal_the_masked_dense_formulation(hidden, inter, rank, act
                                rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("num_tokens", [6, MAX_TOKENS + 6])
+def test_tensor_parallel_local_shards_sum_to_the_masked_formulation(num_tokens):
+    """-tp 2 with local selection (engine/tensor_parallel.py): each rank runs both routes on its own shard, with
+    local shapes (I/2 neurons, its own k/2 per slot, its 5 of the 9 low-rank channels, one zero-padded); the
+    ranks' partial outputs sum (the all-reduce) to the dense FF with the union of their neurons kept + x A B,
+    and each rank's statistic is normalised over its own neurons, as local selection defines it."""
+    from caprese_vllm.engine.tensor_parallel import TensorParallelShard
+
+    hidden, inter, rank, act, tp = 64, 192, 9, "silu", 2
+    c = _case(hidden, inter, rank, num_tokens, dtype=torch.float32, dense_tokens=(2, num_tokens - 1))
+    local = inter // tp
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    h = c["x"] @ c["gate_up"].t()
+    z = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+    keep_all = torch.zeros(SLOTS, inter, dtype=torch.bool, device=DEVICE)
+    for gather_max in (0, num_tokens)[:2 if num_tokens <= 8 else 1]:  # masked route, gather route
+        got = torch.zeros(num_tokens, hidden, device=DEVICE)
+        for q in range(tp):
+            shard = TensorParallelShard(tp, q, "local")
+            rows = slice(q * local, (q + 1) * local)
+            gate_up = torch.cat([c["gate_up"][rows], c["gate_up"][inter:][rows]])            # [2I/tp, H]
+            gate_up_ext, down_t_ext = fuse_weights(gate_up, c["down"][:, rows], shard.shard_lowrank_a(c["a"]),
+                                                   shard.shard_lowrank_b(c["b"]))
+            k_local = shard.local_k(c["k"])
+            idx = torch.stack([torch.randperm(local, device=DEVICE, generator=g)[:k_local].sort().values
+                               for _ in range(SLOTS)])
+            keep = torch.zeros(SLOTS, local, dtype=torch.uint8, device=DEVICE).scatter_(1, idx, 1)
+            keep_all[:, rows] = keep.bool()
+            stat = torch.zeros(SLOTS, local, device=DEVICE)
+            ws = decode_workspace(num_tokens, hidden, local, torch.device(DEVICE))
+            got += caprese_ff(c["x"], gate_up_ext, down_t_ext, local, idx, keep, c["slot"], c["dense"], c["dense"],
+                              stat, ws, act, gather_max)
+            ref_stat = torch.zeros_like(stat)
+            griffin_stats_reference_(z[:, rows], local, c["slot"], c["dense"], ref_stat)
+            torch.testing.assert_close(stat, ref_stat, rtol=1e-4, atol=1e-6)
+        keep = keep_all[c["slot"]] | c["dense"][:, None]
+        want = (z * keep) @ c["down"].t() + ((c["x"] @ c["a"]) @ c["b"]) * (~c["dense"])[:, None]
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
 @CUDA_ONLY
 @pytest.mark.parametrize("gather_max", [0, 8])
 def test_routes_replay_in_a_cuda_graph(gather_max):

@@ -83,6 +83,7 @@ def test_gauges_appear_only_once_an_engine_confirms(model_dirs, smol_adapter, tm
     confirm_served(summary, tmp_path)
     metrics = scrape()
     assert 'caprese:kernels{path="portable"} 1.0' in metrics and "caprese:compressed_layers 15.0" in metrics
+    assert 'caprese:tensor_parallel{selection="exact"} 1.0' in metrics
     assert f'caprese:adapter_info{{adapter="{smol_adapter}",base_model="m",' in metrics
     assert 'method="griffin"' in metrics
     assert 'caprese:params{kind="dense"} 1.34515008e+08' in metrics
@@ -155,8 +156,8 @@ def _adapter_for(model_dir: Path, dst: Path, method: str = "griffin") -> Path:
     ("cats density", "caprese_density=0.4: applies to GRIFFIN adapters only"),
     # issue 17 item 9: before, "" became "." and the current directory was loaded as the adapter
     ("empty adapter", "--caprese-adapter is empty; pass the adapter directory"),
-    # issue 19: refused in the engine's worker before (a traceback), now before any engine starts
-    ("tensor parallel", "caprese: --tensor-parallel-size 2: not supported with an adapter yet"),
+    # issue 19: -tp is served now (tests/test_tensor_parallel_vllm.py); a TP setting that CATS would ignore is not
+    ("tensor parallel local cats", "caprese_tp_selection=local: applies to GRIFFIN adapters only"),
 ])
 def test_settings_that_would_not_apply_are_refused_with_one_line(model_dirs, smol_adapter, tmp_path, case, fragment):
     """Refused before any engine starts: exit 1, one `vllm: error:` line, no traceback."""
@@ -170,9 +171,10 @@ def test_settings_that_would_not_apply_are_refused_with_one_line(model_dirs, smo
         args = ["--caprese-adapter", str(_adapter_for(model, tmp_path / "ad", "cats")), "--caprese-density", "0.4"]
     elif case == "empty adapter":
         args = ["--caprese-adapter", ""]
-    elif case == "tensor parallel":  # Gemma-3-270M: 4 heads and 1 KV head, which vLLM itself shards over 2
+    elif case == "tensor parallel local cats":  # Gemma-3-270M: 4 heads and 1 KV head, which vLLM shards over 2
         model = model_dirs["gemma3-270m"]
-        args = ["--caprese-adapter", str(_adapter_for(model, tmp_path / "ad")), "-tp", "2"]
+        args = ["--caprese-adapter", str(_adapter_for(model, tmp_path / "ad", "cats")), "-tp", "2",
+                "--caprese-tp-selection", "local"]
     vllm_bin = Path(sys.executable).parent / "vllm"
     proc = subprocess.run([str(vllm_bin), "serve", str(model), *args], capture_output=True, text=True, timeout=300)
     last = proc.stderr.strip().splitlines()[-1]

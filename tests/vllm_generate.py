@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--pipeline-parallel-size", type=int, default=1)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--distributed-executor-backend", default=None, help="e.g. mp")
     parser.add_argument("--enforce-eager", type=int, default=1)
     parser.add_argument("--compilation-config", default=None, help="JSON for vLLM's compilation_config")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens tokens")
@@ -45,6 +47,10 @@ def main() -> None:
         extra["max_num_seqs"] = args.max_num_seqs
     if args.pipeline_parallel_size != 1:
         extra["pipeline_parallel_size"] = args.pipeline_parallel_size
+    if args.tensor_parallel_size != 1:
+        extra["tensor_parallel_size"] = args.tensor_parallel_size
+    if args.distributed_executor_backend:
+        extra["distributed_executor_backend"] = args.distributed_executor_backend
     if args.compilation_config:
         extra["compilation_config"] = json.loads(args.compilation_config)
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, enforce_eager=bool(args.enforce_eager),

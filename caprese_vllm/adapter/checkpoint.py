@@ -74,7 +74,7 @@ class CapreseAdapter:
         self.manifest = manifest.model_copy(update={"integrity": Integrity(
             manifest_sha256=manifest.content_sha256(), tensors_sha256=tensors_sha256)})
         tmp = directory / (MANIFEST_FILE + ".tmp")
-        tmp.write_text(self.manifest.model_dump_json(indent=2) + "\n")
+        tmp.write_text(self.manifest.model_dump_json(indent=2, exclude=self.manifest.unset_optional()) + "\n")
         tmp.replace(directory / MANIFEST_FILE)
         return directory
 

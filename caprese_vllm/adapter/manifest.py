@@ -35,6 +35,16 @@ class LowRankInfo(BaseModel):
     dtype: LowRankDType = "float32"
 
 
+class TensorParallelInfo(BaseModel):
+    """The GRIFFIN selection under tensor parallelism that the adapter was fitted for (engine/tensor_parallel.py).
+    Absent (older adapters, and every adapter fitted at TP=1): exact, the TP=1 selection."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    selection: Literal["exact", "local"] = "exact"
+    size: int | None = Field(default=None, ge=1, description="local: the -tp whose shards it was fitted on")
+
+
 class TrainingInfo(BaseModel):
     """How the adapter was made; informational, never checked."""
 
@@ -63,6 +73,7 @@ class CapreseManifest(BaseModel):
     method: MethodSpec
     lowrank: LowRankInfo
     training: TrainingInfo = Field(default_factory=TrainingInfo)
+    tensor_parallel: TensorParallelInfo | None = Field(default=None, description="None: exact selection")
     integrity: Integrity | None = Field(default=None, description="written by save(); None (hand-made "
                                         "or older adapters): not checked")
 
@@ -72,6 +83,9 @@ class CapreseManifest(BaseModel):
         self.method.check_layers(base.num_layers)
         if self.method.name == "griffin":
             check_griffin_k(base.intermediate_size, self.method.density, "method.density")
+        if self.tp_selection == "local" and self.method.name != "griffin":
+            raise ValueError(f"tensor_parallel.selection local applies to GRIFFIN adapters only, not "
+                             f"{self.method.name}")
         for layer, rank in self.lowrank.ranks.items():
             if layer not in self.method.layers:
                 raise ValueError(f"lowrank.ranks has layer {layer}, which method.layers does not compress")
@@ -81,7 +95,16 @@ class CapreseManifest(BaseModel):
         return self
 
     def content_sha256(self) -> str:
-        return hashlib.sha256(self.model_dump_json(exclude={"integrity"}).encode()).hexdigest()
+        return hashlib.sha256(self.model_dump_json(exclude=self.unset_optional() | {"integrity"}).encode()).hexdigest()
+
+    def unset_optional(self) -> set[str]:
+        """Fields added after format 1 that are left out of the file and its digest while unset, so manifests
+        written before them keep their digest (integrity.manifest_sha256) and read as before."""
+        return {"tensor_parallel"} if self.tensor_parallel is None else set()
+
+    @property
+    def tp_selection(self) -> Literal["exact", "local"]:
+        return "exact" if self.tensor_parallel is None else self.tensor_parallel.selection
 
     def extra_params(self) -> int:
         return sum(2 * self.base_model.hidden_size * r for r in self.lowrank.ranks.values())

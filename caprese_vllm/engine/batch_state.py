@@ -28,12 +28,13 @@ import torch
 
 from caprese_vllm.engine.nonfinite import NonfiniteMonitor
 from caprese_vllm.engine.step_info import StepInfo
-from caprese_vllm.methods.griffin import griffin_indices, griffin_keep
+from caprese_vllm.engine.tensor_parallel import GriffinSelector
 
 
 class GriffinLayerState:
     """Selection state of one compressed layer, views into the batch's stacked tensors:
-    stat_sq [slots + 1, I] fp32, neuron_idx [slots + 1, k], keep_mask [slots + 1, I] uint8 or None."""
+    stat_sq [slots + 1, I] fp32, neuron_idx [slots + 1, k], keep_mask [slots + 1, I] uint8 or None.
+    Under tensor parallelism I is this rank's I/tp neurons and k its neuron_idx width (GriffinSelector.width)."""
 
     def __init__(self, batch: CapreseBatchState, index: int):
         self.batch = batch
@@ -52,7 +53,10 @@ class GriffinLayerState:
 
 class CapreseBatchState:
     def __init__(self, max_slots: int, max_tokens: int, device: torch.device, griffin_layers: int = 0,
-                 intermediate_size: int = 0, griffin_k: int = 0):
+                 intermediate_size: int = 0, griffin_k: int = 0, selector: GriffinSelector | None = None):
+        """intermediate_size: the FF neurons this process holds (I/tp under tensor parallelism); griffin_k: the
+        neuron_idx row width; selector: how a selection is made (default: top-griffin_k of the own statistic,
+        TP=1's; engine/tensor_parallel.py for -tp)."""
         self.max_slots = max_slots
         self.dummy_slot = max_slots
         self.device = torch.device(device)
@@ -61,6 +65,10 @@ class CapreseBatchState:
         self.selected = np.zeros(max_slots + 1, dtype=bool)
         # GRIFFIN state of all compressed layers stacked, so a request's selection is one top-k call.
         self.griffin_k = griffin_k
+        self.selector = selector if selector is not None else GriffinSelector(griffin_k, intermediate_size)
+        if self.selector.width != griffin_k:
+            raise ValueError(f"caprese: selector keeps {self.selector.width} neurons per row, the state holds "
+                             f"{griffin_k}")
         self.stat_sq = torch.zeros(griffin_layers, max_slots + 1, intermediate_size, dtype=torch.float32,
                                    device=device)
         self.neuron_idx = torch.arange(griffin_k, dtype=torch.int64, device=device).repeat(griffin_layers,
@@ -93,6 +101,9 @@ class CapreseBatchState:
         return state
 
     def enable_keep_mask(self) -> torch.Tensor:
+        if self.selector.fill is not None:  # the kernels take a fixed k per row (install.py routes around them)
+            raise RuntimeError("caprese: the GPU kernels' keep mask needs a fixed neuron count per rank, which "
+                               "exact tensor-parallel selection does not have")
         if self.keep_mask is None:
             self.keep_mask = torch.zeros(self.stat_sq.shape, dtype=torch.uint8, device=self.device)
             self.keep_mask.scatter_(2, self.neuron_idx, 1)
@@ -189,9 +200,10 @@ class CapreseBatchState:
         """Top-k of every compressed layer for these slots (their requests: req_ids): one call over [L, n, I].
         Any statistic, NaN/Inf included, gives k in-range neurons; a non-finite one is flagged."""
         stat_sq = self.stat_sq[:, slots]                                             # [L, n, I] float32
-        self.nonfinite.check(stat_sq, req_ids)
-        keep = griffin_keep(stat_sq, self.griffin_k)                                 # [L, n, I] bool
-        self.neuron_idx[:, slots] = griffin_indices(keep, self.griffin_k)            # [L, n, k]
+        keep, neuron_idx, checked = self.selector.select(stat_sq)                    # [L, n, I] bool, [L, n, k]
+        if checked is not None:
+            self.nonfinite.check(checked, req_ids)
+        self.neuron_idx[:, slots] = neuron_idx
         if self.keep_mask is not None:
             self.keep_mask[:, slots] = keep.to(torch.uint8)
 

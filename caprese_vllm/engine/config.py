@@ -35,6 +35,12 @@ class CapreseServeConfig(BaseModel):
         default="auto", description="GPU Triton kernels for GRIFFIN layers; auto = on where they apply "
                                     "(CUDA, unquantized weights), off = the portable PyTorch path")
 
+    # None: the adapter manifest's `tensor_parallel.selection` (exact when it has none). Written back resolved
+    # ("exact"/"local") by the plugin, as kernels is: the two trace different graphs (exact all-reduces norms).
+    tp_selection: Literal["exact", "local"] | None = Field(
+        default=None, description="GRIFFIN selection under -tp > 1: exact = as at TP=1 (all-reduced token norms, "
+                                  "all-gathered statistics), local = each rank's own top-k/tp, no collective")
+
     @field_validator("adapter", mode="before")
     @classmethod
     def _named(cls, value):
@@ -75,3 +81,7 @@ class CapreseServeConfig(BaseModel):
             raise ValueError(f"--additional-config caprese_density={self.density:g}: applies to GRIFFIN adapters "
                              f"only (CATS thresholds are fitted at the adapter's density), and {self.adapter} is "
                              f"{method}; drop --caprese-density, or distil an adapter at that density")
+        if self.tp_selection == "local" and method != "griffin":
+            raise ValueError(f"--additional-config caprese_tp_selection=local: applies to GRIFFIN adapters only "
+                             f"(CATS thresholds each token's own activations, rank-local already), and "
+                             f"{self.adapter} is {method}; drop --caprese-tp-selection")

@@ -20,6 +20,7 @@ from caprese_vllm.adapter.fingerprint import fingerprint_checkpoint
 from caprese_vllm.engine.batch_state import CapreseBatchState
 from caprese_vllm.engine.config import CapreseServeConfig
 from caprese_vllm.engine.step_info import set_step_listener
+from caprese_vllm.engine.tensor_parallel import GriffinSelector, TensorParallelShard, TpSelection
 from caprese_vllm.layers.caprese_mlp import CapreseMLP
 from caprese_vllm.methods import check_griffin_k, griffin_k
 
@@ -84,16 +85,57 @@ def load_checked_adapter(serve: CapreseServeConfig, vllm_config,
     return adapter
 
 
-def check_parallelism(vllm_config) -> None:
-    """Raise AdapterError (one line) for tensor parallelism: GRIFFIN's per-token normalisation and top-k run over
-    all I neurons, which -tp splits across ranks (vllm MergedColumnParallelLinear); pipeline parallelism is
-    served (each stage installs the adapter's layers it holds: stage_layers). The plugin calls it before the
-    engine starts; install_caprese again in the engine (an engine made without the CLI hook)."""
+def resolve_tp_selection(serve: CapreseServeConfig, vllm_config, manifest, announce: bool = True) -> TpSelection:
+    """The GRIFFIN selection under tensor parallelism: caprese_tp_selection, else the manifest's
+    `tensor_parallel.selection` (exact when absent). Written back into serve (and additional_config, which vLLM
+    hashes into its compile cache key: the modes trace different graphs under -tp > 1). Logs one line when -tp > 1, and a
+    warning when the flag overrides what the adapter was fitted for."""
+    fitted = manifest.tp_selection
+    selection = serve.tp_selection or fitted
     tp = vllm_config.parallel_config.tensor_parallel_size
-    if tp != 1:
-        raise AdapterError(f"caprese: --tensor-parallel-size {tp}: not supported with an adapter yet (GRIFFIN's "
-                           "top-k runs over all FF neurons, which tensor parallelism splits across GPUs); serve "
-                           "with -tp 1, and -pp N to spread the layers over N GPUs")
+    if tp > 1 and announce:  # the front-end's lines; the engine's ranks say it in their summary line
+        if serve.tp_selection and serve.tp_selection != fitted:
+            logger.warning("caprese: tensor-parallel selection overridden %s -> %s; the adapter was fitted for %s",
+                           fitted, selection, fitted)
+        fitted_size = manifest.tensor_parallel.size if manifest.tensor_parallel is not None else None
+        if selection == "local" and fitted == "local" and fitted_size not in (None, tp):
+            logger.warning("caprese: the adapter was fitted for local selection at -tp %d, served at -tp %d: "
+                           "each rank's neurons differ from the fit", fitted_size, tp)
+        if manifest.method.name == "griffin":
+            how = ("each token's norm all-reduced and the top-k taken over all ranks' statistics, as at TP=1"
+                   if selection == "exact" else "each rank normalises over its own neurons and keeps its own "
+                   "top-k/tp, no extra collective")
+            logger.info("caprese: tensor parallel %d: %s GRIFFIN selection (caprese_tp_selection=%s%s): %s", tp,
+                        selection, serve.tp_selection or selection, "" if serve.tp_selection else ", from the "
+                        "adapter", how)
+    serve.tp_selection = selection
+    if tp > 1 and isinstance(vllm_config.additional_config, dict):  # at TP=1 both modes are one graph
+        vllm_config.additional_config["caprese_tp_selection"] = selection
+    return selection
+
+
+def check_parallelism(vllm_config, manifest, selection: TpSelection) -> None:
+    """Raise AdapterError (one line) for what tensor parallelism cannot shard: an FF width I that -tp does not
+    divide (vLLM's MergedColumnParallelLinear gives each rank I/tp neurons), and local selection keeping no
+    neuron on some rank (k < tp). Pipeline parallelism is served (each stage installs the adapter's layers it
+    holds: stage_layers). The plugin calls it before the engine starts; install_caprese again in the engine
+    (an engine made without the CLI hook)."""
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if tp == 1:
+        return
+    inter = text_config(vllm_config.model_config.hf_config).intermediate_size
+    if inter % tp:
+        divisors = [d for d in range(2, tp + 1) if inter % d == 0]
+        raise AdapterError(f"caprese: --tensor-parallel-size {tp} does not divide the model's {inter} FF neurons "
+                           f"(intermediate_size), which each rank must hold an equal share of; use -tp "
+                           f"{max(divisors) if divisors else 1}, or -pp {tp} to spread the layers instead")
+    method = manifest.method
+    if method.name == "griffin" and selection == "local":
+        k = griffin_k(inter, method.density)
+        if k < tp:
+            raise AdapterError(f"caprese: --caprese-tp-selection local at -tp {tp} keeps k={k} neurons split "
+                               f"over {tp} ranks, none on some; use --caprese-tp-selection exact or a higher "
+                               "density")
 
 
 def install_caprese(model: nn.Module, vllm_config) -> None:
@@ -102,34 +144,45 @@ def install_caprese(model: nn.Module, vllm_config) -> None:
     if serve is None:
         return
     parallel = vllm_config.parallel_config
-    check_parallelism(vllm_config)
     adapter = load_checked_adapter(serve, vllm_config)
     manifest = adapter.manifest
+    selection = resolve_tp_selection(serve, vllm_config, manifest, announce=False)
+    check_parallelism(vllm_config, manifest, selection)
+    shard = _tensor_parallel_shard(selection, parallel)
     text = text_config(vllm_config.model_config.hf_config)
     device = next(model.parameters()).device
     sched = vllm_config.scheduler_config
     local = stage_layers(model, manifest.method.layers)
     # The runner may hold more requests than it schedules at once (waiting, preempted): margin.
     griffin = manifest.method.name == "griffin"
+    inter = text.intermediate_size
+    selector = GriffinSelector(griffin_k(inter, manifest.method.density), inter, shard,
+                               _tp_all_gather if shard.exact else None)
     batch_state = CapreseBatchState(max_slots=2 * sched.max_num_seqs + 2,
                                     max_tokens=sched.max_num_batched_tokens + sched.max_num_seqs, device=device,
                                     griffin_layers=len(local) if griffin else 0,
-                                    intermediate_size=text.intermediate_size,
-                                    griffin_k=griffin_k(text.intermediate_size, manifest.method.density))
+                                    intermediate_size=shard.local_intermediate(inter),
+                                    griffin_k=selector.width, selector=selector)
     act = _hidden_act(text)
     dtype = vllm_config.model_config.dtype
     layers = model.model.layers
     for i in local:
         layers[i].mlp = CapreseMLP(layers[i].mlp, i, manifest.method, manifest.lowrank.ranks.get(i), act,
                                    batch_state, text.hidden_size, text.intermediate_size, dtype,
-                                   use_kernels=serve.kernels == "on")
+                                   use_kernels=serve.kernels == "on", shard=shard)
     model._caprese_adapter = adapter
     model._caprese_local_layers = local
     model._caprese_batch_state = batch_state
+    model._caprese_tp_rank = shard.tp_rank
     set_step_listener(batch_state.on_step)
     base = manifest.base_model
     stage = (f"; pipeline stage holds layers {model.model.start_layer}-{model.model.end_layer - 1}, {len(local)} of "
              f"them compressed" if parallel.pipeline_parallel_size > 1 else "")
+    if shard.sharded:
+        stage += (f"; tensor-parallel rank {shard.tp_rank}/{shard.tp_size} holds FF neurons "
+                  f"{shard.neuron_offset(inter)}-{shard.neuron_offset(inter) + shard.local_intermediate(inter) - 1}"
+                  f" and low-rank channels {sorted({shard.local_rank(r) for r in manifest.lowrank.ranks.values()})}"
+                  " per layer")
     logger.info("caprese: adapter %s loaded: %s, method %s density %.3f on %d/%d layers, low-rank ranks %s "
                 "(+%.2fM params)%s", serve.adapter, base.architecture, manifest.method.name, manifest.method.density,
                 len(manifest.method.layers), base.num_layers, sorted(set(manifest.lowrank.ranks.values())),
@@ -137,6 +190,21 @@ def install_caprese(model: nn.Module, vllm_config) -> None:
     model._caprese_summary = _summary(model, serve, vllm_config)
     if str(getattr(vllm_config.load_config, "load_format", "auto")) == "dummy":
         _confirm(model)  # no weights are loaded into the model (random values, by request): installed now
+
+
+def _tensor_parallel_shard(selection: TpSelection, parallel) -> TensorParallelShard:
+    if parallel.tensor_parallel_size == 1:
+        return TensorParallelShard(selection=selection)
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return TensorParallelShard(parallel.tensor_parallel_size, get_tensor_model_parallel_rank(), selection)
+
+
+def _tp_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """The ranks' tensors concatenated along the last dimension in rank order (exact selection's statistics)."""
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    return tensor_model_parallel_all_gather(tensor, dim=-1)
 
 
 def stage_layers(model: nn.Module, layers: list[int]) -> list[int]:
@@ -161,13 +229,15 @@ def _summary(model: nn.Module, serve: CapreseServeConfig, vllm_config):
                      adapter.manifest.method.density,
                      # a pipeline stage without compressed layers reports what the others run
                      "triton" if (any(m.use_kernels for m in mlps) if mlps else serve.kernels == "on"
-                                  and adapter.manifest.method.name == "griffin") else "portable")
+                                  and adapter.manifest.method.name == "griffin") else "portable",
+                     vllm_config.parallel_config.tensor_parallel_size, serve.tp_selection or "exact")
 
 
 def _confirm(model: nn.Module) -> None:
     from caprese_vllm.observability import confirm_served
 
-    confirm_served(model._caprese_summary)
+    if getattr(model, "_caprese_tp_rank", 0) == 0:  # one line and one file per model, not one per TP rank
+        confirm_served(model._caprese_summary)
 
 
 def load_adapter_weights(model: nn.Module) -> set[str]:

@@ -36,6 +36,29 @@ def _(z, token_slot, token_stat, token_dense, stat_sq, neuron_idx):
     return torch.empty_like(z)
 
 
+@torch.library.custom_op("caprese::griffin_sparsify_sharded", mutates_args=("stat_sq",))
+def griffin_sparsify_sharded(z: torch.Tensor, token_norm_sq: torch.Tensor, token_slot: torch.Tensor,
+                             token_stat: torch.Tensor, token_dense: torch.Tensor, stat_sq: torch.Tensor,
+                             neuron_idx: torch.Tensor) -> torch.Tensor:
+    """griffin_sparsify on a tensor-parallel rank's neurons in exact mode (engine/tensor_parallel.py):
+    z [T, I/tp] this rank's activations; token_norm_sq [T] float32 each token's squared norm over ALL I
+    neurons (summed over the ranks), so stat_sq [slots, I/tp] accumulates what TP=1 does for these neurons;
+    neuron_idx [slots, k_capacity] may hold the sentinel I/tp past the rank's count: it lands in an extra
+    keep column that is dropped, so a rank may keep any number of neurons, none included."""
+    contrib = torch.where(token_stat.unsqueeze(-1), griffin_token_stat(z, token_norm_sq), 0.0)   # [T, I/tp]
+    stat_sq.index_add_(0, token_slot, contrib)
+    num_tokens, local = z.shape
+    keep = torch.zeros(num_tokens, local + 1, dtype=torch.bool, device=z.device)
+    keep.scatter_(1, neuron_idx.index_select(0, token_slot), True)    # [T, I/tp + 1], the sentinel last
+    keep = keep[:, :local] | token_dense.unsqueeze(-1)
+    return torch.where(keep, z, 0.0)
+
+
+@griffin_sparsify_sharded.register_fake
+def _(z, token_norm_sq, token_slot, token_stat, token_dense, stat_sq, neuron_idx):
+    return torch.empty_like(z)
+
+
 @torch.library.custom_op("caprese::add_lowrank", mutates_args=())
 def add_lowrank(y: torch.Tensor, x: torch.Tensor, lowrank_a: torch.Tensor, lowrank_b: torch.Tensor,
                 token_dense: torch.Tensor) -> torch.Tensor:

@@ -46,11 +46,16 @@ def check_griffin_k(intermediate_size: int, density: float, source: str) -> int:
     return k
 
 
-def griffin_token_stat(z: torch.Tensor) -> torch.Tensor:
-    """Per-token contribution to the squared statistic: (z / ||z||)^2, [..., I] float32."""
+def griffin_token_stat(z: torch.Tensor, norm_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token contribution to the squared statistic: (z / ||z||)^2, [..., I] float32.
+    norm_sq [...] float32: each token's ||z||^2 when z holds only some of its neurons (a tensor-parallel
+    shard [..., I/tp]; the squared norm summed over the ranks), else computed from z."""
     z = z.float()
-    norm_sq = z.square().sum(dim=-1, keepdim=True).clamp_min(_TINY)
-    return z.square() / norm_sq
+    if norm_sq is None:
+        norm_sq = z.square().sum(dim=-1, keepdim=True)
+    else:
+        norm_sq = norm_sq.unsqueeze(-1)
+    return z.square() / norm_sq.clamp_min(_TINY)
 
 
 def griffin_accumulate(stat_sq: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
@@ -80,14 +85,16 @@ def griffin_keep(stat_sq: torch.Tensor, k: int) -> torch.Tensor:
     return above | (tied & (tied.cumsum(dim=-1) <= room))
 
 
-def griffin_indices(keep: torch.Tensor, k: int) -> torch.Tensor:
+def griffin_indices(keep: torch.Tensor, k: int, fill: int | None = None) -> torch.Tensor:
     """neuron_idx [..., k] int64, ascending, of a keep mask [..., I] with k neurons per row: each kept
     neuron's place is the count of kept neurons before it (a scatter, no host sync, capturable).
     Always in [0, I), whatever keep holds: past the k-th, kept neurons are dropped; a row with fewer
-    than k repeats neuron 0 in its last places (griffin_keep always gives exactly k)."""
+    than k repeats neuron 0 in its last places (griffin_keep always gives exactly k), or `fill` when
+    given (tensor parallelism's exact mode: a rank holds a varying share of the k, the rest of its row
+    is a sentinel neuron that the masked route drops; engine/tensor_parallel.py)."""
     place = keep.cumsum(dim=-1) - 1
     place = torch.where(keep & (place < k), place, k)  # place k collects the neurons not kept
-    idx = torch.zeros(*keep.shape[:-1], k + 1, dtype=torch.int64, device=keep.device)
+    idx = torch.full((*keep.shape[:-1], k + 1), 0 if fill is None else fill, dtype=torch.int64, device=keep.device)
     neurons = torch.arange(keep.shape[-1], device=keep.device).expand(keep.shape)
     return idx.scatter_(-1, place, neurons)[..., :k]
 

@@ -1,0 +1,293 @@
+"""Tensor parallelism (issue 19 items 1, 3): the sharding logic, one process, the collectives written out.
+
+Each test splits a layer as vLLM's TP does (engine/tensor_parallel.py: rank q holds neurons
+[q*I/tp, (q+1)*I/tp) of gate, up and down; low-rank channels [q*rl, (q+1)*rl)), runs every rank's share
+through the engine's own ops and selection, replaces all-reduce by an explicit sum and all-gather by a
+concatenation, and compares with the unsharded reference (reference/sparsifiers.py, the TP=1 code path).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from caprese_vllm.adapter import AdapterError, CapreseAdapter, synthetic_adapter
+from caprese_vllm.adapter.manifest import MANIFEST_FILE, BaseModelInfo, TensorParallelInfo
+from caprese_vllm.cli_flags import translate_argv
+from caprese_vllm.engine import ops  # noqa: F401  (registers torch.ops.caprese.*)
+from caprese_vllm.engine.config import CapreseServeConfig
+from caprese_vllm.engine.install import check_parallelism
+from caprese_vllm.engine.tensor_parallel import GriffinSelector, TensorParallelShard, exact_local_keep
+from caprese_vllm.lowrank import lowrank_forward
+from caprese_vllm.methods import MethodSpec, griffin_k
+from caprese_vllm.methods.griffin import griffin_keep
+from caprese_vllm.reference.sparsifiers import GriffinSparsifier
+
+H, INTER, RANK, DENSITY = 24, 48, 7, 0.5   # RANK odd: the shards are padded
+
+
+def _layer(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"gate": torch.randn(INTER, H, generator=gen, dtype=torch.float64) / H ** 0.5,
+            "up": torch.randn(INTER, H, generator=gen, dtype=torch.float64) / H ** 0.5,
+            "down": torch.randn(H, INTER, generator=gen, dtype=torch.float64) / INTER ** 0.5,
+            "lowrank_a": torch.randn(H, RANK, generator=gen, dtype=torch.float64) / H ** 0.5,
+            "lowrank_b": torch.randn(RANK, H, generator=gen, dtype=torch.float64) / H ** 0.5}
+
+
+def _z(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(x @ gate.t()) * (x @ up.t())
+
+
+def _reference(w, prompt: torch.Tensor, decode: torch.Tensor):
+    """TP=1: the reference sparsifier's statistic and selection, then sparse FF + x A B for the decode tokens."""
+    sparsifier = GriffinSparsifier(INTER, DENSITY)
+    z_prompt = _z(prompt, w["gate"], w["up"])
+    sparsifier.observe(z_prompt[None], None, torch.ones(1, prompt.shape[0], dtype=torch.bool))
+    z = _z(decode, w["gate"], w["up"])
+    keep = sparsifier.keep_mask(torch.empty(1, decode.shape[0], INTER))[0]
+    y = torch.where(keep, z, 0.0) @ w["down"].t() + lowrank_forward(decode, w["lowrank_a"], w["lowrank_b"])
+    return sparsifier.stat_sq[0], sparsifier.neuron_idx[0], y
+
+
+def _shard_rows(w: torch.Tensor, shard: TensorParallelShard) -> torch.Tensor:
+    local = shard.local_intermediate(INTER)
+    return w[shard.tp_rank * local:(shard.tp_rank + 1) * local]
+
+
+def _run_sharded(w, prompt: torch.Tensor, decode: torch.Tensor, tp: int, selection: str):
+    """Every rank through the engine's ops (griffin_sparsify[_sharded], add_lowrank) and its GriffinSelector;
+    all-reduce = sum over ranks, all-gather = concatenation. Returns (stat_sq [I], kept neurons, y [T, H])."""
+    shards = [TensorParallelShard(tp, q, selection) for q in range(tp)]
+    k = griffin_k(INTER, DENSITY)
+    n_prompt, n_decode = prompt.shape[0], decode.shape[0]
+    x = torch.cat([prompt, decode])
+    token_slot = torch.zeros(x.shape[0], dtype=torch.int64)
+    token_stat = torch.arange(x.shape[0]) < n_prompt
+    z = [_z(x, _shard_rows(w["gate"], s), _shard_rows(w["up"], s)) for s in shards]       # [T, I/tp] each
+    token_norm_sq = sum(zq.float().square().sum(-1) for zq in z)                              # the all-reduce
+    stat_sq = [torch.zeros(2, s.local_intermediate(INTER)) for s in shards]                   # slot 0 + dummy
+    selectors = [GriffinSelector(k, INTER, s, all_gather=lambda t: torch.cat([st[None, :1] for st in stat_sq], -1))
+                 for s in shards]
+    neuron_idx = [torch.zeros(2, sel.width, dtype=torch.int64) for sel in selectors]
+    # prompt step: every token dense, statistics accumulate
+    for q, s in enumerate(shards):
+        dense = torch.ones(x.shape[0], dtype=torch.bool)
+        if s.exact:
+            torch.ops.caprese.griffin_sparsify_sharded(z[q], token_norm_sq, token_slot, token_stat, dense,
+                                                       stat_sq[q], neuron_idx[q])
+        else:
+            torch.ops.caprese.griffin_sparsify(z[q], token_slot, token_stat, dense, stat_sq[q], neuron_idx[q])
+    kept = []
+    for q, s in enumerate(shards):   # selection, once the prompt is done
+        _, idx, _ = selectors[q].select(stat_sq[q][None, :1])
+        neuron_idx[q][0] = idx[0, 0]
+        local = s.local_intermediate(INTER)
+        kept += [s.neuron_offset(INTER) + i for i in idx[0, 0].tolist() if i < local]
+    # decode step: the partial outputs (down's local matmul + the rank's low-rank share) summed = all-reduce
+    y = torch.zeros(n_decode, H, dtype=torch.float64)
+    dense = torch.zeros(n_decode, dtype=torch.bool)
+    for q, s in enumerate(shards):
+        zd = z[q][n_prompt:]
+        no_stat = torch.zeros(n_decode, dtype=torch.bool)
+        if s.exact:
+            zd = torch.ops.caprese.griffin_sparsify_sharded(zd, token_norm_sq[n_prompt:], token_slot[n_prompt:],
+                                                            no_stat, dense, stat_sq[q], neuron_idx[q])
+        else:
+            zd = torch.ops.caprese.griffin_sparsify(zd, token_slot[n_prompt:], no_stat, dense, stat_sq[q],
+                                                    neuron_idx[q])
+        partial = zd @ w["down"][:, q * s.local_intermediate(INTER):(q + 1) * s.local_intermediate(INTER)].t()
+        y += torch.ops.caprese.add_lowrank(partial, decode, s.shard_lowrank_a(w["lowrank_a"]),
+                                           s.shard_lowrank_b(w["lowrank_b"]), dense)
+    return torch.cat([st[0] for st in stat_sq]), sorted(kept), y
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_exact_mode_equals_tp1(tp):
+    w = _layer()
+    gen = torch.Generator().manual_seed(1)
+    prompt, decode = torch.randn(9, H, generator=gen, dtype=torch.float64), torch.randn(3, H, generator=gen,
+                                                                                        dtype=torch.float64)
+    stat_ref, idx_ref, y_ref = _reference(w, prompt, decode)
+    stat, kept, y = _run_sharded(w, prompt, decode, tp, "exact")
+    torch.testing.assert_close(stat, stat_ref.float(), rtol=1e-5, atol=1e-7)   # float32 order only
+    assert kept == idx_ref.tolist()
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_local_mode_keeps_k_in_all_and_runs_its_own_math():
+    w = _layer()
+    gen = torch.Generator().manual_seed(2)
+    prompt, decode = torch.randn(9, H, generator=gen, dtype=torch.float64), torch.randn(3, H, generator=gen,
+                                                                                        dtype=torch.float64)
+    _, kept, y = _run_sharded(w, prompt, decode, 2, "local")
+    assert len(kept) == griffin_k(INTER, DENSITY) and len(set(kept)) == len(kept)
+    # what local mode means: each rank's own top-k/tp of its own normalisation
+    z = _z(prompt, w["gate"], w["up"]).float()
+    expected = []
+    for q in range(2):
+        zq = z[:, q * INTER // 2:(q + 1) * INTER // 2]
+        stat_q = (zq.square() / zq.square().sum(-1, keepdim=True)).sum(0)
+        expected += [q * INTER // 2 + i for i in torch.nonzero(griffin_keep(stat_q, griffin_k(INTER, DENSITY) // 2))
+                     .flatten().tolist()]
+    assert kept == sorted(expected)
+    keep = torch.zeros(INTER, dtype=torch.bool)
+    keep[kept] = True
+    y_expected = (torch.where(keep, _z(decode, w["gate"], w["up"]), 0.0) @ w["down"].t()
+                  + lowrank_forward(decode, w["lowrank_a"], w["lowrank_b"]))
+    torch.testing.assert_close(y, y_expected)
+
+
+def test_local_k_splits_k_exactly():
+    for k, tp in [(2432, 2), (7, 2), (7, 4), (1025, 8)]:
+        ks = [TensorParallelShard(tp, q, "local").local_k(k) for q in range(tp)]
+        assert sum(ks) == k and max(ks) - min(ks) <= 1
+
+
+def test_local_selection_overlap_with_exact():
+    """The fast mode's selection vs the exact one on GRIFFIN-like statistics (heavy-tailed, Qwen2.5-0.5B's
+    I = 4864): reported, and well above chance (density 0.5 -> 0.5)."""
+    gen = torch.Generator().manual_seed(0)
+    inter, k, tp = 4864, griffin_k(4864, 0.5), 2
+    stat = torch.randn(16, inter, generator=gen).exp()           # 16 requests' statistics
+    exact = griffin_keep(stat, k)
+    local = torch.cat([griffin_keep(part, TensorParallelShard(tp, q, "local").local_k(k))
+                       for q, part in enumerate(stat.chunk(tp, dim=-1))], dim=-1)
+    overlap = float((exact & local).sum() / exact.sum())
+    print(f"local vs exact selection overlap at -tp {tp}, I={inter}, density 0.5: {overlap:.4f}")
+    assert 0.9 < overlap < 1.0
+
+
+def test_exact_selection_keeps_ties_and_nonfinite_defined_across_shards():
+    """The ranks' kept neurons, concatenated, are griffin_keep's over all I (ties -> lowest indices, NaN/Inf
+    last), whatever count each rank gets: all of them, none included."""
+    inter, k = 8, 4
+    rows = torch.tensor([[float("nan")] * 8,                              # all NaN: 0..3, all on rank 0
+                         [1.0] * 8,                                       # all tied: 0..3
+                         [0, 0, 0, 0, 5, 5, 5, 5.0],                       # all on rank 1
+                         [float("inf"), 2, 1, 1, 1, 1, float("nan"), 3]])  # Inf ranks last; ties at 1
+    for tp in (2, 4):
+        shards = [TensorParallelShard(tp, q, "exact") for q in range(tp)]
+        kept = torch.cat([exact_local_keep(rows, k, s) for s in shards], dim=-1)
+        assert torch.equal(kept, griffin_keep(rows, k))
+    selector = GriffinSelector(k, inter, TensorParallelShard(2, 1, "exact"), all_gather=lambda t: rows)
+    _, idx, checked = selector.select(rows[:, 4:])
+    assert idx[0].tolist() == [4, 4, 4, 4] and idx[2].tolist() == [0, 1, 2, 3]   # sentinel I/tp = 4 fills
+    assert checked is None                                           # rank 0 checks the gathered statistic
+    z = torch.arange(1.0, 5.0).repeat(4, 1)                          # 4 decode tokens, one per request slot
+    out = torch.ops.caprese.griffin_sparsify_sharded(
+        z, torch.ones(4), torch.arange(4), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool),
+        torch.zeros(4, 4), idx)
+    assert out[0].tolist() == [0, 0, 0, 0] and out[2].tolist() == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("rank, tp", [(7, 2), (8, 2), (5, 4), (1, 2)])
+def test_lowrank_shards_sum_to_the_full_product(rank, tp):
+    gen = torch.Generator().manual_seed(rank)
+    a, b = torch.randn(H, rank, generator=gen, dtype=torch.float64), torch.randn(rank, H, generator=gen,
+                                                                                dtype=torch.float64)
+    x = torch.randn(5, H, generator=gen, dtype=torch.float64)
+    shards = [TensorParallelShard(tp, q) for q in range(tp)]
+    assert all(s.shard_lowrank_a(a).shape == (H, math.ceil(rank / tp)) for s in shards)
+    total = sum(lowrank_forward(x, s.shard_lowrank_a(a), s.shard_lowrank_b(b)) for s in shards)
+    torch.testing.assert_close(total, lowrank_forward(x, a, b))
+
+
+def _base() -> BaseModelInfo:
+    return BaseModelInfo(architecture="Qwen2ForCausalLM", hidden_size=H, intermediate_size=INTER, num_layers=4,
+                         fingerprint="0123456789abcdef")
+
+
+def test_manifest_without_tensor_parallel_reads_as_exact_and_keeps_its_digest(tmp_path):
+    adapter = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.5, layers=[0, 1]), rank=4, scale=0.1)
+    path = adapter.save(tmp_path / "old")
+    raw = json.loads((path / MANIFEST_FILE).read_text())
+    assert "tensor_parallel" not in raw          # files as before this field: older readers still read them
+    loaded = CapreseAdapter.load(path)
+    assert loaded.manifest.tensor_parallel is None and loaded.manifest.tp_selection == "exact"
+    fitted = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.5, layers=[0, 1]), rank=4, scale=0.1)
+    fitted.manifest.tensor_parallel = TensorParallelInfo(selection="local", size=2)
+    reloaded = CapreseAdapter.load(fitted.save(tmp_path / "local")).manifest
+    assert reloaded.tp_selection == "local" and reloaded.tensor_parallel.size == 2
+
+
+def test_tp_selection_setting_and_flag():
+    assert CapreseServeConfig.from_additional_config({"caprese_adapter": "a"}).tp_selection is None
+    serve = CapreseServeConfig.from_additional_config({"caprese_adapter": "a", "caprese_tp_selection": "local"})
+    assert serve.tp_selection == "local"
+    with pytest.raises(ValueError, match="caprese_tp_selection"):
+        CapreseServeConfig.from_additional_config({"caprese_adapter": "a", "caprese_tp_selection": "fast"})
+    with pytest.raises(ValueError, match="applies to GRIFFIN adapters only"):
+        serve.check_applies("cats")
+    argv = translate_argv(["serve", "m", "--caprese-adapter", "a", "--caprese-tp-selection", "LOCAL"])
+    assert json.loads(argv[-1]) == {"caprese_adapter": "a", "caprese_tp_selection": "local"}
+
+
+def _config(tp: int, inter: int):
+    """The two fields of vLLM's VllmConfig that check_parallelism reads."""
+    hf_config = SimpleNamespace(intermediate_size=inter, text_config=None)
+    return SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=tp),
+                           model_config=SimpleNamespace(hf_config=hf_config))
+
+
+def test_check_parallelism_refuses_what_cannot_shard_in_one_line():
+    manifest = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.5, layers=[0]), rank=4).manifest
+    check_parallelism(_config(2, 4864), manifest, "exact")
+    check_parallelism(_config(1, 4863), manifest, "exact")
+    with pytest.raises(AdapterError, match=r"--tensor-parallel-size 3 does not divide the model's 4864 FF neurons"
+                       r".*use -tp 2, or -pp 3") as err:
+        check_parallelism(_config(3, 4864), manifest, "exact")
+    assert "\n" not in str(err.value)
+    tiny = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.05, layers=[0]), rank=4).manifest
+    with pytest.raises(AdapterError, match="keeps k=2 neurons split over 4 ranks"):
+        check_parallelism(_config(4, INTER), tiny, "local")
+
+
+def test_summary_says_and_exports_the_tensor_parallel_selection(tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from caprese_vllm.observability import ServedCollector, confirm_served, summarize
+
+    adapter = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.5, layers=[0, 1]), rank=4)
+    summary = summarize(adapter, "ad", "m", None, 0.5, "portable", tp_size=2, tp_selection="local")
+    assert summary.log_line().endswith("FF path: portable PyTorch; tensor parallel 2, local selection")
+    registry = CollectorRegistry()
+    registry.register(ServedCollector(tmp_path))
+    confirm_served(summary, tmp_path)
+    assert 'caprese:tensor_parallel{selection="local"} 2.0' in generate_latest(registry).decode()
+
+
+def test_selection_comes_from_the_flag_else_the_manifest_else_exact(caplog):
+    import logging
+
+    from caprese_vllm.engine.install import resolve_tp_selection
+
+    logging.getLogger("vllm.caprese").addHandler(caplog.handler)   # vLLM's logger does not propagate
+    caplog.set_level(logging.INFO, logger="vllm.caprese")
+    fitted_local = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.5, layers=[0]), rank=4).manifest
+    fitted_local.tensor_parallel = TensorParallelInfo(selection="local", size=4)
+    plain = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.5, layers=[0]), rank=4).manifest
+    try:
+        for manifest, flag, want in [(plain, None, "exact"), (fitted_local, None, "local"),
+                                     (fitted_local, "exact", "exact"), (plain, "local", "local")]:
+            serve = CapreseServeConfig(adapter="a", tp_selection=flag)
+            config = _config(2, INTER)
+            config.additional_config = {"caprese_adapter": "a"}
+            caplog.clear()
+            assert resolve_tp_selection(serve, config, manifest) == want
+            assert serve.tp_selection == want and config.additional_config["caprese_tp_selection"] == want
+            assert f"caprese: tensor parallel 2: {want} GRIFFIN selection" in caplog.text
+            assert ("overridden" in caplog.text) == (flag is not None and flag != manifest.tp_selection)
+            assert ("fitted for local selection at -tp 4, served at -tp 2" in caplog.text) == (want == "local" and
+                                                                                               manifest is fitted_local)
+        at_tp1 = _config(1, INTER)
+        at_tp1.additional_config = {"caprese_adapter": "a"}
+        assert resolve_tp_selection(CapreseServeConfig(adapter="a"), at_tp1, plain) == "exact"
+        assert at_tp1.additional_config == {"caprese_adapter": "a"}, "TP=1: the compile cache key is unchanged"
+    finally:
+        logging.getLogger("vllm.caprese").removeHandler(caplog.handler)
