@@ -121,9 +121,11 @@ def _create_engine_config_single_threaded(original, engine_args, *args, **kwargs
     from caprese_vllm.observability import watch_engines
 
     check_architecture(vllm_config)
+    # First: it applies caprese_density to the manifest, and the TP checks must judge the k the engine serves
+    # (install_caprese checks in this order too; otherwise the engine refuses what the front-end accepted).
+    adapter = load_checked_adapter(serve, vllm_config, adapter)  # sizes and weight fingerprint vs. the model
     selection = resolve_tp_selection(serve, vllm_config, adapter.manifest)  # logs it under -tp > 1
     check_parallelism(vllm_config, adapter.manifest, selection)
-    adapter = load_checked_adapter(serve, vllm_config, adapter)  # sizes and weight fingerprint vs. the model
     resolve_kernels(serve, vllm_config, adapter.manifest.method.name)
     os.environ[ACTIVE_ENV] = "1"
     register_models()

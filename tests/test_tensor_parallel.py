@@ -291,3 +291,42 @@ def test_selection_comes_from_the_flag_else_the_manifest_else_exact(caplog):
         assert at_tp1.additional_config == {"caprese_adapter": "a"}, "TP=1: the compile cache key is unchanged"
     finally:
         logging.getLogger("vllm.caprese").removeHandler(caplog.handler)
+
+
+def _engine_args(tmp_path, tp: int, **settings):
+    """What the plugin's create_engine_config wrapper reads, for a model of _base()'s shapes, and the `original`
+    (vLLM's create_engine_config) that returns a VllmConfig's fields that the checks read."""
+    adapter = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.5, layers=[0, 1]), rank=4, scale=0.1)
+    path = adapter.save(tmp_path / "adapter")
+    additional = {"caprese_adapter": str(path), "caprese_check_fingerprint": False, **settings}
+    engine_args = SimpleNamespace(additional_config=additional, enable_prefix_caching=None)
+
+    def original(args):
+        config = _config(tp, INTER)
+        config.additional_config = args.additional_config
+        config.model_config.hf_config = SimpleNamespace(
+            intermediate_size=INTER, hidden_size=H, num_hidden_layers=4, architectures=["Qwen2ForCausalLM"])
+        config.model_config.model = "m"
+        config.model_config.dtype = torch.float32
+        config.load_config = SimpleNamespace(load_format="auto")
+        return config
+
+    return engine_args, original
+
+
+def test_front_end_checks_the_density_the_engine_serves(tmp_path, monkeypatch):
+    """caprese_density lowers k: local selection with k < tp must be refused by the front-end (one line), not
+    accepted there and refused by every engine rank in install_caprese, which applies the override first."""
+    from caprese_vllm import plugin
+
+    for name in ("check_architecture", "resolve_kernels", "register_models"):
+        monkeypatch.setattr(plugin, name, lambda *a, **k: None)
+    monkeypatch.setattr("caprese_vllm.observability.watch_engines", lambda *a, **k: None)
+    monkeypatch.delenv(plugin.ACTIVE_ENV, raising=False)
+    # k = int(48 * 0.05) = 2 neurons, over 4 ranks
+    engine_args, original = _engine_args(tmp_path, 4, caprese_tp_selection="local", caprese_density=0.05)
+    with pytest.raises(AdapterError, match="keeps k=2 neurons split over 4 ranks"):
+        plugin._create_engine_config_single_threaded(original, engine_args)
+    engine_args, original = _engine_args(tmp_path, 2, caprese_tp_selection="local", caprese_density=0.05)
+    assert plugin._create_engine_config_single_threaded(original, engine_args).additional_config[
+        "caprese_tp_selection"] == "local"
