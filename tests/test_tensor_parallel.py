@@ -330,3 +330,52 @@ def test_front_end_checks_the_density_the_engine_serves(tmp_path, monkeypatch):
     engine_args, original = _engine_args(tmp_path, 2, caprese_tp_selection="local", caprese_density=0.05)
     assert plugin._create_engine_config_single_threaded(original, engine_args).additional_config[
         "caprese_tp_selection"] == "local"
+
+
+@pytest.mark.parametrize("tensor_parallel, error", [
+    ({"selection": "exact", "size": 2}, "tensor_parallel.size 2 applies to selection local only"),
+    ({"size": 2}, "tensor_parallel.size 2 applies to selection local only"),
+    ({"selection": "local", "size": 5}, "tensor_parallel.size 5 does not divide base_model.intermediate_size 48"),
+])
+def test_manifest_refuses_a_tensor_parallel_size_that_means_nothing(tmp_path, tensor_parallel, error):
+    """Nothing written in caprese.json is ignored: a size without local selection, or one no -tp can have."""
+    path = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.5, layers=[0]), rank=4).save(tmp_path / "a")
+    raw = json.loads((path / MANIFEST_FILE).read_text())
+    del raw["integrity"]
+    raw["tensor_parallel"] = tensor_parallel
+    (path / MANIFEST_FILE).write_text(json.dumps(raw))
+    with pytest.raises(AdapterError, match=error) as err:
+        CapreseAdapter.load(path)
+    assert "\n" not in str(err.value) and MANIFEST_FILE in str(err.value)
+
+
+def test_local_fit_served_at_tp1_is_warned_and_reported_as_what_runs(caplog):
+    """An adapter fitted for local selection at -tp 2 served at -tp 1: the one rank keeps the global top-k, not
+    the shards' top-k/2 it was fitted for (warned as at -tp 4), and the summary/gauge say the TP=1 selection."""
+    import logging
+
+    from caprese_vllm.engine.install import _summary, resolve_tp_selection
+
+    logging.getLogger("vllm.caprese").addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="vllm.caprese")
+    adapter = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.5, layers=[0]), rank=4)
+    adapter.manifest.tensor_parallel = TensorParallelInfo(selection="local", size=2)
+    try:
+        config = _config(1, INTER)
+        config.additional_config = {"caprese_adapter": "a"}
+        serve = CapreseServeConfig(adapter="a")
+        assert resolve_tp_selection(serve, config, adapter.manifest) == "local"
+        assert "fitted for local selection at -tp 2, served at -tp 1" in caplog.text
+        assert config.additional_config == {"caprese_adapter": "a"}
+        model = torch.nn.Module()
+        model._caprese_adapter = adapter
+        config.model_config.served_model_name = "m"
+        config.model_config.model = "/nonexistent/m"
+        assert _summary(model, serve, config).tp_selection == "exact"
+        caplog.clear()
+        at_tp2 = _config(2, INTER)
+        at_tp2.additional_config = {}
+        resolve_tp_selection(CapreseServeConfig(adapter="a"), at_tp2, adapter.manifest)
+        assert "fitted for local selection" not in caplog.text, "served as fitted: nothing to warn about"
+    finally:
+        logging.getLogger("vllm.caprese").removeHandler(caplog.handler)

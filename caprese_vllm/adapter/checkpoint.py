@@ -164,7 +164,8 @@ def load_manifest(directory: Path) -> CapreseManifest:
     if manifest.integrity is not None and manifest.content_sha256() != manifest.integrity.manifest_sha256:
         raise AdapterError(f"{path}: content does not match integrity.manifest_sha256 written at export: the "
                            "file is corrupt or was edited; copy the adapter again (to serve at another "
-                           "density, pass caprese_density instead of editing the file)")
+                           "density or tensor-parallel selection, pass caprese_density or "
+                           "caprese_tp_selection instead of editing the file)")
     return manifest
 
 

@@ -86,6 +86,16 @@ class CapreseManifest(BaseModel):
         if self.tp_selection == "local" and self.method.name != "griffin":
             raise ValueError(f"tensor_parallel.selection local applies to GRIFFIN adapters only, not "
                              f"{self.method.name}")
+        tp = self.tensor_parallel
+        if tp is not None and tp.size is not None:
+            # Nothing written is ignored: a size only means something for the local selection's shards.
+            if tp.selection != "local":
+                raise ValueError(f"tensor_parallel.size {tp.size} applies to selection local only (the -tp whose "
+                                 f"shards a local adapter was fitted on), and selection is {tp.selection}; drop "
+                                 "size, or set selection local")
+            if base.intermediate_size % tp.size:
+                raise ValueError(f"tensor_parallel.size {tp.size} does not divide base_model.intermediate_size "
+                                 f"{base.intermediate_size}: no -tp shards the model so; fix the size")
         for layer, rank in self.lowrank.ranks.items():
             if layer not in self.method.layers:
                 raise ValueError(f"lowrank.ranks has layer {layer}, which method.layers does not compress")
