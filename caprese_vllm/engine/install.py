@@ -93,14 +93,18 @@ def resolve_tp_selection(serve: CapreseServeConfig, vllm_config, manifest, annou
     fitted = manifest.tp_selection
     selection = serve.tp_selection or fitted
     tp = vllm_config.parallel_config.tensor_parallel_size
+    fitted_size = manifest.tensor_parallel.size if manifest.tensor_parallel is not None else None
+    if announce and fitted == "local" and fitted_size not in (None, tp) and (tp == 1 or selection == "local"):
+        # At -tp 1 too: one rank keeps the top-k of all neurons, not the per-shard top-k the adapter was fitted on
+        # (under -tp > 1 an override to exact is warned about below).
+        logger.warning("caprese: the adapter was fitted for local selection at -tp %d, served at -tp %d: "
+                       "%s", fitted_size, tp, "each rank's neurons differ from the fit" if tp > 1 else
+                       "the one rank keeps the top-k over all neurons, not each shard's top-k/tp; serve it at "
+                       f"-tp {fitted_size}")
     if tp > 1 and announce:  # the front-end's lines; the engine's ranks say it in their summary line
         if serve.tp_selection and serve.tp_selection != fitted:
             logger.warning("caprese: tensor-parallel selection overridden %s -> %s; the adapter was fitted for %s",
                            fitted, selection, fitted)
-        fitted_size = manifest.tensor_parallel.size if manifest.tensor_parallel is not None else None
-        if selection == "local" and fitted == "local" and fitted_size not in (None, tp):
-            logger.warning("caprese: the adapter was fitted for local selection at -tp %d, served at -tp %d: "
-                           "each rank's neurons differ from the fit", fitted_size, tp)
         if manifest.method.name == "griffin":
             how = ("each token's norm all-reduced and the top-k taken over all ranks' statistics, as at TP=1"
                    if selection == "exact" else "each rank normalises over its own neurons and keeps its own "
@@ -230,7 +234,10 @@ def _summary(model: nn.Module, serve: CapreseServeConfig, vllm_config):
                      # a pipeline stage without compressed layers reports what the others run
                      "triton" if (any(m.use_kernels for m in mlps) if mlps else serve.kernels == "on"
                                   and adapter.manifest.method.name == "griffin") else "portable",
-                     vllm_config.parallel_config.tensor_parallel_size, serve.tp_selection or "exact")
+                     vllm_config.parallel_config.tensor_parallel_size,
+                     # at -tp 1 both modes are the TP=1 selection (one rank holds every neuron): say what runs
+                     (serve.tp_selection or "exact") if vllm_config.parallel_config.tensor_parallel_size > 1
+                     else "exact")
 
 
 def _confirm(model: nn.Module) -> None:
