@@ -379,3 +379,15 @@ def test_local_fit_served_at_tp1_is_warned_and_reported_as_what_runs(caplog):
         assert "fitted for local selection" not in caplog.text, "served as fitted: nothing to warn about"
     finally:
         logging.getLogger("vllm.caprese").removeHandler(caplog.handler)
+
+
+@pytest.mark.parametrize("selection", ["exact", "local"])
+def test_nonfinite_statistic_is_counted_once_not_once_per_rank(selection):
+    """Each rank's engine process writes its own non-finite count and /metrics sums them: in either selection only
+    rank 0 may hand a statistic to the check (local mode's NaN, which spreads to every rank, was counted tp times)."""
+    stat = torch.full((1, 1, INTER), float("nan"))
+    gather = (lambda t: torch.cat([t, t], dim=-1)) if selection == "exact" else None
+    checked = [GriffinSelector(griffin_k(INTER, DENSITY), INTER, TensorParallelShard(2, q, selection),
+                               gather).select(stat[..., : INTER // 2])[2] for q in range(2)]
+    assert checked[0] is not None and not torch.isfinite(checked[0]).all()
+    assert checked[1] is None

@@ -145,11 +145,14 @@ class GriffinSelector:
 
     def select(self, stat_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """stat_sq [L, n, I/tp] float32 -> (keep [L, n, I/tp] bool, neuron_idx [L, n, width] int64, the
-        statistic the non-finite check should see or None: exact mode checks the gathered one, on rank 0
-        only, so a request is counted once, not once per rank)."""
+        statistic the non-finite check should see or None: rank 0 only, so a request is counted once, not once
+        per rank (every rank's engine process writes its own count, and /metrics sums them). Exact mode checks
+        the gathered statistic; local mode rank 0's own, without a collective: a NaN/Inf confined to another
+        rank's neurons in one layer reaches rank 0 in the next compressed layer (down_proj's all-reduce spreads
+        it into the hidden state), so only one in the last compressed layer goes uncounted.)"""
         if self.shard.exact:
             gathered = self.all_gather(stat_sq.contiguous())     # [L, n, I]
             keep, idx = exact_local_indices(gathered, self.k, self.shard)
             return keep, idx, gathered if self.shard.tp_rank == 0 else None
         keep = griffin_keep(stat_sq, self.width)
-        return keep, griffin_indices(keep, self.width), stat_sq
+        return keep, griffin_indices(keep, self.width), stat_sq if self.shard.tp_rank == 0 else None
