@@ -38,6 +38,14 @@ _FLAGS = {
     "--caprese-kernels": ("caprese_kernels", lambda v: {"auto": "auto", "on": "on", "off": "off"}[v.lower()]),
     "--caprese-tp-selection": ("caprese_tp_selection", lambda v: {"exact": "exact", "local": "local"}[v.lower()]),
 }
+# What each flag takes, for its error line (the value parsers above accept any case).
+_EXPECTED = {
+    "--caprese-adapter": "pass the adapter directory",
+    "--caprese-density": "pass a number in (0, 1], e.g. 0.5",
+    "--caprese-check-fingerprint": "pass true or false",
+    "--caprese-kernels": "pass auto, on or off",
+    "--caprese-tp-selection": "pass exact or local",
+}
 _ADDITIONAL = "--additional-config"
 _TRANSLATED_ENV = "CAPRESE_TRANSLATED_ARGV"  # the argv this process family already rewrote (children inherit it)
 
@@ -185,7 +193,7 @@ def translate_argv(argv: list[str]) -> list[str]:
             try:
                 sources.add({key: parse(value)}, name)
             except (ValueError, KeyError):
-                raise CapreseFlagError(f"{name}: invalid value {value!r}") from None
+                raise CapreseFlagError(f"{name}: invalid value {value!r}; {_EXPECTED[name]}") from None
     if not flagged and not sources.mentions_caprese:
         return argv  # nothing of ours: vLLM parses exactly what was typed
     if sources.problems:

@@ -40,10 +40,15 @@ def test_untouched_without_caprese_flags():
     (["--caprese-adaptor", "/a"], "unknown flag --caprese-adaptor"),
     (["--caprese-density", "half"], "--caprese-density: invalid value 'half'"),
     (["--caprese-adapter"], "--caprese-adapter needs a value"),
-    (["--caprese-kernels", "fast"], "--caprese-kernels: invalid value 'fast'"),
+    (["--caprese-kernels", "fast"], "--caprese-kernels: invalid value 'fast'; pass auto, on or off"),
+    (["--caprese-tp-selection", "fast"], "--caprese-tp-selection: invalid value 'fast'; pass exact or local"),
+    (["--caprese-tp-selection", ""], "--caprese-tp-selection: invalid value ''; pass exact or local"),
+    (["--caprese-check-fingerprint", "yes"], "invalid value 'yes'; pass true or false"),
+    (["--caprese-density", "half"], "invalid value 'half'; pass a number in (0, 1]"),
     (["--additional-config", "{nope", "--caprese-adapter", "/a"], "not a JSON object"),
 ])
 def test_bad_flags_are_one_line_errors(argv, fragment):
+    """One line naming the flag, the value and what it takes."""
     with pytest.raises(CapreseFlagError) as err:
         translate_argv(argv)
     assert fragment in str(err.value.code)
@@ -147,3 +152,9 @@ def test_a_child_process_does_not_translate_its_inherited_argv_again(monkeypatch
     assert additional(once[1:])[1] == {"lst": ["x", "y"], "caprese_adapter": "/a"}
     cli_flags.platform_hook()  # the child's call
     assert sys.argv == once
+
+
+def test_every_flag_says_what_it_takes():
+    from caprese_vllm.cli_flags import _EXPECTED, _FLAGS
+
+    assert set(_EXPECTED) == set(_FLAGS), "a new --caprese-* flag needs its error hint"
