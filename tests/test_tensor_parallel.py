@@ -391,3 +391,30 @@ def test_nonfinite_statistic_is_counted_once_not_once_per_rank(selection):
                                gather).select(stat[..., : INTER // 2])[2] for q in range(2)]
     assert checked[0] is not None and not torch.isfinite(checked[0]).all()
     assert checked[1] is None
+
+
+def test_selection_log_says_where_the_mode_came_from(caplog):
+    """An adapter whose manifest names no selection (every adapter fitted so far): the log says `the default`,
+    not `from the adapter`, and an override is not said to contradict a fit that never chose (new-user trial)."""
+    import logging
+
+    from caprese_vllm.engine.install import resolve_tp_selection
+
+    logging.getLogger("vllm.caprese").addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="vllm.caprese")
+    adapter = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.5, layers=[0]), rank=4)
+    try:
+        config = _config(2, INTER)
+        config.additional_config = {}
+        resolve_tp_selection(CapreseServeConfig(adapter="a"), config, adapter.manifest)
+        assert "(caprese_tp_selection=exact, the default)" in caplog.text
+        caplog.clear()
+        resolve_tp_selection(CapreseServeConfig(adapter="a", tp_selection="local"), config, adapter.manifest)
+        assert "overridden exact -> local; the adapter names none (exact by default)" in caplog.text
+        assert "fitted for exact" not in caplog.text
+        caplog.clear()
+        adapter.manifest.tensor_parallel = TensorParallelInfo(selection="local", size=2)
+        resolve_tp_selection(CapreseServeConfig(adapter="a"), config, adapter.manifest)
+        assert "(caprese_tp_selection=local, from the adapter)" in caplog.text
+    finally:
+        logging.getLogger("vllm.caprese").removeHandler(caplog.handler)

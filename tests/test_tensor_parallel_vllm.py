@@ -69,7 +69,7 @@ def test_tensor_parallel_2_exact_generates_what_1_does(model_dirs, tmp_path):
     assert all(len(t) > 0 for t in tokens["tp2 local"])
 
     exact_log, local_log = runs["tp2 exact"].log, runs["tp2 local"].log
-    assert "caprese: tensor parallel 2: exact GRIFFIN selection (caprese_tp_selection=exact, from the adapter)" \
+    assert "caprese: tensor parallel 2: exact GRIFFIN selection (caprese_tp_selection=exact, the default)" \
         in exact_log
     assert "tensor-parallel rank 1/2 holds FF neurons 2432-4863 and low-rank channels [8] per layer" in exact_log
     assert "FF path: portable PyTorch; tensor parallel 2, exact selection" in exact_log

@@ -103,15 +103,16 @@ def resolve_tp_selection(serve: CapreseServeConfig, vllm_config, manifest, annou
                        f"-tp {fitted_size}")
     if tp > 1 and announce:  # the front-end's lines; the engine's ranks say it in their summary line
         if serve.tp_selection and serve.tp_selection != fitted:
-            logger.warning("caprese: tensor-parallel selection overridden %s -> %s; the adapter was fitted for %s",
-                           fitted, selection, fitted)
+            logger.warning("caprese: tensor-parallel selection overridden %s -> %s; %s", fitted, selection,
+                           f"the adapter was fitted for {fitted}" if manifest.tensor_parallel is not None else
+                           "the adapter names none (exact by default)")
         if manifest.method.name == "griffin":
             how = ("each token's norm all-reduced and the top-k taken over all ranks' statistics, as at TP=1"
                    if selection == "exact" else "each rank normalises over its own neurons and keeps its own "
                    "top-k/tp, no extra collective")
             logger.info("caprese: tensor parallel %d: %s GRIFFIN selection (caprese_tp_selection=%s%s): %s", tp,
-                        selection, serve.tp_selection or selection, "" if serve.tp_selection else ", from the "
-                        "adapter", how)
+                        selection, serve.tp_selection or selection, "" if serve.tp_selection else (
+                            ", from the adapter" if manifest.tensor_parallel is not None else ", the default"), how)
     serve.tp_selection = selection
     if tp > 1 and isinstance(vllm_config.additional_config, dict):  # at TP=1 both modes are one graph
         vllm_config.additional_config["caprese_tp_selection"] = selection
