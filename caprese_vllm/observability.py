@@ -41,6 +41,10 @@ from caprese_vllm.engine.nonfinite import STATS_DIR_ENV, read_total
 
 logger = logging.getLogger("vllm.caprese")
 
+# What selects the kept neurons of a served model (the `caprese:tensor_parallel{selection}` label): GRIFFIN's
+# exact or local tensor-parallel selection, or CATS's per-neuron threshold.
+ServedSelection = Literal["exact", "local", "threshold"]
+
 
 class AdapterSummary(BaseModel):
     adapter: str
@@ -58,7 +62,7 @@ class AdapterSummary(BaseModel):
     active_params: int | None
     kernels: Literal["triton", "portable"]  # the FF path the compressed layers run
     tp_size: int = 1                         # defaults: what engines without tensor parallelism wrote
-    tp_selection: Literal["exact", "local"] = "exact"
+    tp_selection: ServedSelection = "exact"
 
     def log_line(self) -> str:
         params = ""
@@ -68,7 +72,11 @@ class AdapterSummary(BaseModel):
                       "fewer)")
         ranks = str(self.rank_min) if self.rank_min == self.rank_max else f"{self.rank_min}-{self.rank_max}"
         path = "Triton kernels" if self.kernels == "triton" else "portable PyTorch"
-        tp = f"; tensor parallel {self.tp_size}, {self.tp_selection} selection" if self.tp_size > 1 else ""
+        tp = ""
+        if self.tp_size > 1:
+            tp = f"; tensor parallel {self.tp_size}, " + ("CATS thresholds per neuron (as at TP=1)"
+                                                           if self.tp_selection == "threshold"
+                                                           else f"{self.tp_selection} selection")
         return (f"caprese: serving {self.base_model} ({self.architecture}) with adapter {self.adapter}: "
                 f"{self.method} density {self.density:g} on {self.compressed_layers}/{self.num_layers} layers, "
                 f"low-rank rank {ranks} (+{self.lowrank_params / 1e6:.2f}M params){params}; FF path: {path}{tp}")
@@ -94,7 +102,7 @@ def checkpoint_num_params(model_dir: Path) -> int | None:
 
 def summarize(adapter: CapreseAdapter, adapter_path: str, model_name: str, model_dir: Path | None,
               density: float, kernels: Literal["triton", "portable"], tp_size: int = 1,
-              tp_selection: Literal["exact", "local"] = "exact") -> AdapterSummary:
+              tp_selection: ServedSelection = "exact") -> AdapterSummary:
     m = adapter.manifest
     base = m.base_model
     ranks = list(m.lowrank.ranks.values()) or [0]
@@ -206,8 +214,9 @@ class ServedCollector(_ScrapeTimeCollector):
         kernels = GaugeMetricFamily("caprese:kernels", "FF path of the compressed layers (value 1)", labels=["path"])
         kernels.add_metric([s.kernels], 1)
         yield kernels
-        tp = GaugeMetricFamily("caprese:tensor_parallel", "Tensor-parallel size, labelled with the GRIFFIN "
-                               "selection it runs (exact = as at TP=1, local = per rank)", labels=["selection"])
+        tp = GaugeMetricFamily("caprese:tensor_parallel", "Tensor-parallel size, labelled with what selects "
+                               "the kept neurons (exact = GRIFFIN as at TP=1, local = GRIFFIN per rank, threshold "
+                               "= CATS, rank-local and as at TP=1)", labels=["selection"])
         tp.add_metric([s.tp_selection], s.tp_size)
         yield tp
 

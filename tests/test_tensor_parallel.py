@@ -228,6 +228,17 @@ def test_tp_selection_setting_and_flag():
     assert json.loads(argv[-1]) == {"caprese_adapter": "a", "caprese_tp_selection": "local"}
 
 
+def test_a_value_the_flag_takes_is_taken_in_additional_config_too():
+    # The flags read any case (LOCAL, Off); --additional-config refused the same values until this test.
+    for flag, key, typed, value in (("--caprese-tp-selection", "caprese_tp_selection", "LOCAL", "local"),
+                                    ("--caprese-kernels", "caprese_kernels", "Off", "off")):
+        via_flag = json.loads(translate_argv(["serve", "m", "--caprese-adapter", "a", flag, typed])[-1])
+        direct = CapreseServeConfig.from_additional_config({"caprese_adapter": "a", key: typed})
+        assert via_flag[key] == getattr(direct, key[len("caprese_"):]) == value
+    with pytest.raises(ValueError, match="caprese_kernels"):
+        CapreseServeConfig.from_additional_config({"caprese_adapter": "a", "caprese_kernels": "ONN"})
+
+
 def _config(tp: int, inter: int):
     """The two fields of vLLM's VllmConfig that check_parallelism reads."""
     hf_config = SimpleNamespace(intermediate_size=inter, text_config=None)
@@ -260,6 +271,29 @@ def test_summary_says_and_exports_the_tensor_parallel_selection(tmp_path):
     registry.register(ServedCollector(tmp_path))
     confirm_served(summary, tmp_path)
     assert 'caprese:tensor_parallel{selection="local"} 2.0' in generate_latest(registry).decode()
+
+
+def test_a_cats_adapter_under_tp_is_not_called_a_selection(tmp_path):
+    # CATS thresholds each neuron's own activation: no GRIFFIN selection runs, exact or local.
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from caprese_vllm.engine.install import _served_selection
+    from caprese_vllm.observability import ServedCollector, confirm_served, summarize
+
+    tp2 = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=2))
+    serve = CapreseServeConfig.from_additional_config({"caprese_adapter": "a"})
+    assert _served_selection(serve, tp2, "cats") == "threshold"
+    assert _served_selection(serve, tp2, "griffin") == "exact"
+    adapter = synthetic_adapter(_base(), MethodSpec(name="cats", density=0.5, layers=[0], thresholds={0: 0.1}),
+                                rank=4)
+    summary = summarize(adapter, "ad", "m", None, 0.5, "portable", tp_size=2, tp_selection="threshold")
+    assert summary.log_line().endswith("tensor parallel 2, CATS thresholds per neuron (as at TP=1)")
+    registry = CollectorRegistry()
+    registry.register(ServedCollector(tmp_path))
+    confirm_served(summary, tmp_path)
+    assert 'caprese:tensor_parallel{selection="threshold"} 2.0' in generate_latest(registry).decode()
 
 
 def test_selection_comes_from_the_flag_else_the_manifest_else_exact(caplog):

@@ -41,6 +41,13 @@ class CapreseServeConfig(BaseModel):
         default=None, description="GRIFFIN selection under -tp > 1: exact = as at TP=1 (all-reduced token norms, "
                                   "all-gathered statistics), local = each rank's own top-k/tp, no collective")
 
+    @field_validator("kernels", "tp_selection", mode="before")
+    @classmethod
+    def _any_case(cls, value):
+        # as the flags read them (cli_flags: --caprese-kernels ON, --caprese-tp-selection LOCAL): one spelling
+        # rule for every route in, so a value the flag takes is never refused in --additional-config
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("adapter", mode="before")
     @classmethod
     def _named(cls, value):

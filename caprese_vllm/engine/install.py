@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ from caprese_vllm.engine.step_info import set_step_listener
 from caprese_vllm.engine.tensor_parallel import GriffinSelector, TensorParallelShard, TpSelection
 from caprese_vllm.layers.caprese_mlp import CapreseMLP
 from caprese_vllm.methods import check_griffin_k, griffin_k
+
+if TYPE_CHECKING:
+    from caprese_vllm.observability import ServedSelection
 
 logger = logging.getLogger("vllm.caprese")
 
@@ -71,7 +75,7 @@ def load_checked_adapter(serve: CapreseServeConfig, vllm_config,
     adapter.check_base(base_info_from_config(hf_config, fingerprint), source=str(vllm_config.model_config.model))
     serve.check_applies(adapter.manifest.method.name)
     if serve.density is not None and serve.density != adapter.manifest.method.density:
-        logger.warning("caprese: density overridden %.3f -> %.3f; the adapter was distilled at %.3f",
+        logger.warning("caprese: density overridden %g -> %g; the adapter was distilled at %g",
                        adapter.manifest.method.density, serve.density, adapter.manifest.method.density)
         adapter.manifest.method = adapter.manifest.method.model_copy(update={"density": serve.density})
     if adapter.manifest.method.name == "griffin":
@@ -188,7 +192,7 @@ def install_caprese(model: nn.Module, vllm_config) -> None:
                   f"{shard.neuron_offset(inter)}-{shard.neuron_offset(inter) + shard.local_intermediate(inter) - 1}"
                   f" and low-rank channels {sorted({shard.local_rank(r) for r in manifest.lowrank.ranks.values()})}"
                   " per layer")
-    logger.info("caprese: adapter %s loaded: %s, method %s density %.3f on %d/%d layers, low-rank ranks %s "
+    logger.info("caprese: adapter %s loaded: %s, method %s density %g on %d/%d layers, low-rank ranks %s "
                 "(+%.2fM params)%s", serve.adapter, base.architecture, manifest.method.name, manifest.method.density,
                 len(manifest.method.layers), base.num_layers, sorted(set(manifest.lowrank.ranks.values())),
                 manifest.extra_params() / 1e6, stage)
@@ -236,9 +240,18 @@ def _summary(model: nn.Module, serve: CapreseServeConfig, vllm_config):
                      "triton" if (any(m.use_kernels for m in mlps) if mlps else serve.kernels == "on"
                                   and adapter.manifest.method.name == "griffin") else "portable",
                      vllm_config.parallel_config.tensor_parallel_size,
-                     # at -tp 1 both modes are the TP=1 selection (one rank holds every neuron): say what runs
-                     (serve.tp_selection or "exact") if vllm_config.parallel_config.tensor_parallel_size > 1
-                     else "exact")
+                     _served_selection(serve, vllm_config, adapter.manifest.method.name))
+
+
+def _served_selection(serve: CapreseServeConfig, vllm_config, method: str) -> ServedSelection:
+    """What decides the kept neurons, for the summary line and gauge: CATS thresholds each activation on its own
+    ("threshold": rank-local and as at TP=1 by construction); GRIFFIN at -tp 1 runs the TP=1 selection whatever
+    the mode (one rank holds every neuron), else the resolved mode."""
+    if method != "griffin":
+        return "threshold"
+    if vllm_config.parallel_config.tensor_parallel_size == 1:
+        return "exact"
+    return serve.tp_selection or "exact"
 
 
 def _confirm(model: nn.Module) -> None:
