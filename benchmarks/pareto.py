@@ -52,6 +52,8 @@ class Point(BaseModel):
     rank: int | None = Field(None, gt=0)
     e2e_epochs: int | None = Field(None, gt=0)
     e2e_samples: int | None = Field(None, gt=0)
+    tp_local: int | None = Field(None, ge=2, description="fit for `-tp N --caprese-tp-selection local` (caprese-distill "
+                                 "--tp-selection local --tp-size N; evaluated at -tp N)")
 
 
 def resolve_layers(spec: str, num_layers: int, sensitivity_run: Path | None = None) -> list[int]:
@@ -122,6 +124,8 @@ def point_config(point: Point, layers: list[int]) -> dict:
         config["density"] = point.density
     if point.rank is not None:
         config["rank"] = point.rank
+    if point.tp_local is not None:
+        config |= {"tp_selection": "local", "tp_size": point.tp_local}
     for key in ("e2e_epochs", "e2e_samples"):
         if getattr(point, key) is not None:
             config.setdefault("fit", {})[key] = getattr(point, key)

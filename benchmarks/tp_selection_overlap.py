@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from caprese_vllm.engine.tensor_parallel import TensorParallelShard
 from caprese_vllm.methods.griffin import griffin_k, griffin_keep, griffin_token_stat
+from caprese_vllm.reference.sparsifiers import GriffinSparsifier
 
 PROMPTS = ["Please reason step by step. What is 17 + 25 * 3?",
            ("Please reason step by step. Natalia sold clips to 48 of her friends in April, and then she sold half "
@@ -26,10 +26,12 @@ PROMPTS = ["Please reason step by step. What is 17 + 25 * 3?",
            'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n']
 
 
-def local_keep(z: torch.Tensor, k: int, tp: int) -> torch.Tensor:
-    """keep [I]: each of tp shards of z [S, I] keeps its own top-k/tp of its own normalisation."""
-    return torch.cat([griffin_keep(griffin_token_stat(part).sum(0), TensorParallelShard(tp, q, "local").local_k(k))
-                      for q, part in enumerate(z.chunk(tp, dim=-1))])
+def local_keep(z: torch.Tensor, density: float, tp: int) -> torch.Tensor:
+    """keep [I]: each of tp shards of z [S, I] keeps its own top-k/tp of its own normalisation (the reference's
+    local selection, reference/sparsifiers.py: what caprese-distill --tp-selection local fits on)."""
+    sparsifier = GriffinSparsifier(z.shape[-1], density, local_shards=tp)
+    sparsifier.observe(z[None], None, torch.ones(1, z.shape[0], dtype=torch.bool))
+    return sparsifier.keep_mask(torch.empty(1, 1, z.shape[-1]))[0, 0]
 
 
 def main() -> None:
@@ -55,7 +57,7 @@ def main() -> None:
         for i in layers:
             exact = griffin_keep(griffin_token_stat(captured[i]).sum(0), k)
             for tp in args.tp:
-                overlaps[tp].append(float((exact & local_keep(captured[i], k, tp)).sum()) / k)
+                overlaps[tp].append(float((exact & local_keep(captured[i], args.density, tp)).sum()) / k)
     for tp, values in overlaps.items():
         t = torch.tensor(values)
         print(f"TP={tp}: local vs exact selection overlap, {len(PROMPTS)} prompts x {len(layers)} layers, density "

@@ -56,7 +56,9 @@ class LayerStats:
 
 
 def capture_stats(model: torch.nn.Module, method: MethodSpec, samples: list[Sample], batch_tokens: int,
-                  pad_id: int, desc: str) -> dict[int, LayerStats]:
+                  pad_id: int, desc: str, local_shards: int = 1) -> dict[int, LayerStats]:
+    """Per compressed layer, the statistics of the generated tokens' FF error (what the closed form fits).
+    local_shards: GRIFFIN's local tensor-parallel selection over N shards (DistillConfig.local_shards)."""
     device = next(model.parameters()).device
     hidden = model.config.get_text_config().hidden_size
     stats = {layer: LayerStats.zeros(hidden, device) for layer in method.layers}
@@ -73,7 +75,7 @@ def capture_stats(model: torch.nn.Module, method: MethodSpec, samples: list[Samp
         s.yy += float(y_g.double().square().sum())
         s.count += int(rows.sum())
 
-    runtime = patch_model(model, method)
+    runtime = patch_model(model, method, local_shards=local_shards)
     runtime.tap, runtime.dense_passthrough = tap, True
     batches = list(length_batches(samples, batch_tokens))
     try:

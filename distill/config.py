@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.functional_validators import AfterValidator
 
 
@@ -123,9 +123,43 @@ class DistillConfig(_Strict):
     seed: int = 0
     device: DeviceText = Field("auto", description="auto: cuda when available, else cpu; cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="fit/eval dtype (auto: bf16 on GPU)")
+    # Fit for how the adapter will be served under tensor parallelism (issue 19; engine/tensor_parallel.py).
+    # exact: the TP=1 selection, which `-tp N` reproduces exactly; local: each of tp_size shards of the FF
+    # neurons normalises over its own neurons and keeps its own top-k/N, so the adapter learns the error
+    # of the selection `-tp tp_size --caprese-tp-selection local` serves (the manifest records it).
+    tp_selection: Literal["exact", "local"] = Field("exact", description="GRIFFIN selection to fit for: exact "
+                                                    "(TP=1's, any -tp) or local (-tp tp_size's per-shard top-k)")
+    tp_size: int = Field(1, ge=1, description="local: the -tp it will be served at (>= 2); exact: 1")
     data: DataConfig = Field(default_factory=DataConfig)
     fit: FitConfig = Field(default_factory=FitConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _tensor_parallel(self) -> DistillConfig:
+        # Nothing set is ignored: a size only means something for the local selection, which only GRIFFIN has.
+        if self.tp_selection == "local":
+            if self.method != "griffin":
+                raise ValueError(f"tp_selection local applies to GRIFFIN only (CATS thresholds each neuron on its "
+                                 f"own: the same at any -tp), and method is {self.method}; drop --tp-selection")
+            if self.tp_size < 2:
+                raise ValueError(f"tp_selection local needs tp_size >= 2 (the -tp the adapter will be served at), "
+                                 f"got {self.tp_size}; pass --tp-size N")
+        elif self.tp_size != 1:
+            raise ValueError(f"tp_size {self.tp_size} applies to tp_selection local only (an exact-selection adapter "
+                             "serves at any -tp); drop --tp-size, or pass --tp-selection local")
+        return self
+
+    @property
+    def local_shards(self) -> int:
+        """The shards GRIFFIN's fit-time selection runs over (reference/sparsifiers.py): tp_size for local, else 1."""
+        return self.tp_size if self.tp_selection == "local" else 1
+
+    def tensor_parallel_info(self):
+        """The adapter manifest's `tensor_parallel` (caprese_vllm.adapter.manifest.TensorParallelInfo): None for
+        exact (the default, left out of the file: older readers and digests unchanged), else local + size."""
+        from caprese_vllm.adapter.manifest import TensorParallelInfo
+
+        return None if self.tp_selection == "exact" else TensorParallelInfo(selection="local", size=self.tp_size)
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -159,8 +193,10 @@ class ConfigError(DistillError, ValueError):
 
 def _first_error(err: ValidationError, source: str) -> ConfigError:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    return ConfigError(f"{source}: field {loc}: {first['msg']}")
+    loc = ".".join(str(p) for p in first["loc"])
+    if not loc and first["type"] == "value_error":  # a rule across fields (DistillConfig's validators): it names them
+        return ConfigError(f"{source}: {first['msg'].removeprefix('Value error, ')}")
+    return ConfigError(f"{source}: field {loc or '(top level)'}: {first['msg']}")
 
 
 def load_config(yaml_path: Path | None, overrides: dict) -> DistillConfig:
@@ -225,18 +261,22 @@ def check_flags_apply(config: DistillConfig, overrides: dict) -> None:
 
 
 def check_device_available(config: DistillConfig, source: str) -> None:
-    """A cuda device must exist on this machine (torch.cuda): checked before anything is written, not after
-    the data step has run for minutes. ConfigError naming the field."""
-    if not config.device.startswith("cuda"):
-        return
+    """A cuda device must exist on this machine (torch.cuda), and a local-selection fit's evaluation, served at
+    -tp tp_size by vLLM on the GPUs when there are any (distill.vllm_worker), needs that many: checked before
+    anything is written, not after the data step has run for minutes. ConfigError naming the field."""
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = torch.device(config.device).index or 0
-    if index >= count:
-        have = f"{count} CUDA device{'s' if count != 1 else ''}" if count else "no CUDA device (torch.cuda)"
-        raise ConfigError(f"{source}: field device: {config.device!r}, but this machine has {have}; pass "
-                          "--device cpu (or auto: cuda when available)")
+    if config.device.startswith("cuda"):
+        index = torch.device(config.device).index or 0
+        if index >= count:
+            have = f"{count} CUDA device{'s' if count != 1 else ''}" if count else "no CUDA device (torch.cuda)"
+            raise ConfigError(f"{source}: field device: {config.device!r}, but this machine has {have}; pass "
+                              "--device cpu (or auto: cuda when available)")
+    if 0 < count < config.local_shards:
+        raise ConfigError(f"{source}: field tp_size: {config.tp_size}, but the evaluation serves the adapter as it "
+                          f"will be served, at -tp {config.tp_size}, and vLLM here has {count} GPU"
+                          f"{'s' if count != 1 else ''}; run on a machine with {config.tp_size} GPUs")
 
 
 def check_question_files(config: DistillConfig) -> None:

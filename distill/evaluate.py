@@ -33,8 +33,8 @@ VARIANTS = ("dense", "sparse", "caprese")
 
 
 def _patch(model, variant: str, method: MethodSpec, adapter: CapreseAdapter) -> None:
-    if variant == "sparse":
-        patch_model(model, method)
+    if variant == "sparse":  # the selection the adapter was fitted for (local_shards), without its low-rank paths
+        patch_model(model, method, local_shards=adapter.manifest.local_shards)
     elif variant == "caprese":
         patch_model(model, adapter=adapter)
 

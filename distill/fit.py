@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from caprese_vllm.adapter import CapreseAdapter, base_info_from_model
-from caprese_vllm.adapter.manifest import CapreseManifest, LowRankInfo, TrainingInfo
+from caprese_vllm.adapter.manifest import CapreseManifest, LowRankInfo, TensorParallelInfo, TrainingInfo
 from caprese_vllm.file_modes import readable_by_all
 from caprese_vllm.methods import MethodSpec
 from distill.capture import LayerStats, capture_stats, load_stats, save_stats
@@ -25,11 +25,11 @@ from distill.rrr import closed_form, layerwise_refine
 
 
 def make_adapter(model, method: MethodSpec, lowrank: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                 training: TrainingInfo) -> CapreseAdapter:
+                 training: TrainingInfo, tensor_parallel: TensorParallelInfo | None = None) -> CapreseAdapter:
     manifest = CapreseManifest(
         base_model=base_info_from_model(model), method=method,
         lowrank=LowRankInfo(ranks={layer: a.shape[1] for layer, (a, _) in lowrank.items()}, dtype="float32"),
-        training=training)
+        training=training, tensor_parallel=tensor_parallel)
     return CapreseAdapter(manifest=manifest, lowrank_a={k: a.cpu() for k, (a, _) in lowrank.items()},
                           lowrank_b={k: b.cpu() for k, (_, b) in lowrank.items()})
 
@@ -38,7 +38,8 @@ def _stats(path: Path, model, method, samples, config: DistillConfig, pad_id: in
     device = next(model.parameters()).device
     if path.exists():
         return load_stats(path, device)
-    stats = capture_stats(model, method, samples, config.fit.capture_batch_tokens, pad_id, desc)
+    stats = capture_stats(model, method, samples, config.fit.capture_batch_tokens, pad_id, desc,
+                          config.local_shards)
     save_stats(stats, path)
     return stats
 
@@ -82,7 +83,7 @@ def fit_adapter(config: DistillConfig, model, tokenizer, method: MethodSpec, ran
     else:
         lowrank = {layer: closed_form(s, rank, config.fit.ridge)
                    for layer, s in tqdm(stats.items(), desc="fit: closed form", unit="layer")}
-        stage1 = make_adapter(model, method, lowrank, training)
+        stage1 = make_adapter(model, method, lowrank, training, config.tensor_parallel_info())
         stage1.save(stage1_dir)
     timings["closed_form_s"] = time.perf_counter() - t0
 
@@ -91,7 +92,7 @@ def fit_adapter(config: DistillConfig, model, tokenizer, method: MethodSpec, ran
         lowrank = {layer: layerwise_refine(s, stage1.lowrank_a[layer], stage1.lowrank_b[layer],
                                            config.fit.layerwise_steps, config.fit.layerwise_lr)
                    for layer, s in tqdm(stats.items(), desc="fit: layer-wise Adam", unit="layer")}
-        final = make_adapter(model, method, lowrank, training)
+        final = make_adapter(model, method, lowrank, training, config.tensor_parallel_info())
     elif config.fit.refine == "e2e":
         from distill.e2e import refine_end_to_end
 

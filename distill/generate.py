@@ -153,12 +153,20 @@ def _run_worker(config: DistillConfig, model_dir: Path, jobs: list[dict], work_d
     cmd = [sys.executable, "-m", "distill.vllm_worker", "--model", str(model_dir.resolve()),
            "--jobs", str(jobs_path.resolve()), "--dtype", config.data.gen_dtype, "--chunk",
            str(config.data.gen_chunk), "--seed", str(config.seed)]
+    tp = 1
     if adapter is not None:
+        from caprese_vllm.adapter.checkpoint import load_manifest
+
         cmd += ["--adapter", str(adapter.resolve())]
+        # an adapter fitted for local selection over N shards answers as it is served: at -tp N
+        tp = load_manifest(adapter).local_shards
+        if tp > 1:
+            cmd += ["--tensor-parallel-size", str(tp)]
     share = _free_gpu_share()
     if share is not None:
         cmd += ["--gpu-memory-utilization", f"{share:.3f}"]
-    print(f"{step}: {who} answers {len(jobs)} prompt sets with vLLM (engine log: {log_path})", flush=True)
+    at = f" at -tp {tp} (the adapter's local selection)" if tp > 1 else ""
+    print(f"{step}: {who} answers {len(jobs)} prompt sets with vLLM{at} (engine log: {log_path})", flush=True)
     with open(log_path, "a") as log:
         # tqdm draws on stderr and stays on the terminal; vLLM's log (stdout) goes to the file
         proc = subprocess.run(cmd, stdout=log)

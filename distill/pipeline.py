@@ -21,7 +21,7 @@ from caprese_vllm.adapter import CapreseAdapter
 from caprese_vllm.lowrank import default_rank
 from caprese_vllm.methods import MethodSpec
 from caprese_vllm.methods.spec import default_layers
-from distill.config import DistillConfig, DistillError, RunLock, pin_config, write_atomic
+from distill.config import ConfigError, DistillConfig, DistillError, RunLock, pin_config, write_atomic
 from distill.data import read_samples
 from distill.generate import generate_data, split_is_current, split_path
 
@@ -46,11 +46,36 @@ def resolve_model(name_or_dir: str) -> Path:
                             f"({', '.join(CATALOG)}); pass a local HF checkpoint directory")
 
 
+def check_tensor_parallel(config: DistillConfig, model_dir: Path) -> None:
+    """tp_selection local: tp_size must shard the model as `vllm serve -tp N` will (engine/install.py
+    check_parallelism): N divides the FF width I, and every shard keeps a neuron (k >= N). ConfigError naming the
+    field otherwise."""
+    if config.local_shards == 1:
+        return
+    from transformers import AutoConfig
+
+    from caprese_vllm.adapter.base_info import text_config
+    from caprese_vllm.methods import griffin_k
+
+    inter = text_config(AutoConfig.from_pretrained(model_dir)).intermediate_size
+    n = config.tp_size
+    if inter % n:
+        fits = [d for d in range(2, n + 1) if inter % d == 0]
+        raise ConfigError(f"field tp_size: {n} does not divide {config.model}'s {inter} FF neurons (intermediate_size"
+                          f"), which each rank of -tp {n} must hold an equal share of; use --tp-size "
+                          f"{max(fits) if fits else 'N'} or --tp-selection exact")
+    k = griffin_k(inter, config.density)
+    if k < n:
+        raise ConfigError(f"field tp_size: density {config.density:g} keeps k={k} of {inter} neurons, fewer than the "
+                          f"{n} shards (some would keep none); raise --density or lower --tp-size")
+
+
 class Pipeline:
     def __init__(self, config: DistillConfig):
         self.config = config
         self.model_dir = resolve_model(config.model)
         self._model = self._tokenizer = None
+        check_tensor_parallel(config, self.model_dir)  # before config.json pins settings that cannot run
         self.lock = RunLock(config.run_dir)  # held until the process ends: one run per directory
         pin_config(config)
 

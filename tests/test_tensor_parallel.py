@@ -44,9 +44,10 @@ def _z(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(x @ gate.t()) * (x @ up.t())
 
 
-def _reference(w, prompt: torch.Tensor, decode: torch.Tensor):
-    """TP=1: the reference sparsifier's statistic and selection, then sparse FF + x A B for the decode tokens."""
-    sparsifier = GriffinSparsifier(INTER, DENSITY)
+def _reference(w, prompt: torch.Tensor, decode: torch.Tensor, density: float = DENSITY, local_shards: int = 1):
+    """The reference sparsifier's statistic and selection (local_shards 1: TP=1's; N: -tp N local's, on one
+    device), then sparse FF + x A B for the decode tokens."""
+    sparsifier = GriffinSparsifier(INTER, density, local_shards)
     z_prompt = _z(prompt, w["gate"], w["up"])
     sparsifier.observe(z_prompt[None], None, torch.ones(1, prompt.shape[0], dtype=torch.bool))
     z = _z(decode, w["gate"], w["up"])
@@ -60,11 +61,11 @@ def _shard_rows(w: torch.Tensor, shard: TensorParallelShard) -> torch.Tensor:
     return w[shard.tp_rank * local:(shard.tp_rank + 1) * local]
 
 
-def _run_sharded(w, prompt: torch.Tensor, decode: torch.Tensor, tp: int, selection: str):
+def _run_sharded(w, prompt: torch.Tensor, decode: torch.Tensor, tp: int, selection: str, density: float = DENSITY):
     """Every rank through the engine's ops (griffin_sparsify[_sharded], add_lowrank) and its GriffinSelector;
     all-reduce = sum over ranks, all-gather = concatenation. Returns (stat_sq [I], kept neurons, y [T, H])."""
     shards = [TensorParallelShard(tp, q, selection) for q in range(tp)]
-    k = griffin_k(INTER, DENSITY)
+    k = griffin_k(INTER, density)
     n_prompt, n_decode = prompt.shape[0], decode.shape[0]
     x = torch.cat([prompt, decode])
     token_slot = torch.zeros(x.shape[0], dtype=torch.int64)
@@ -141,6 +142,23 @@ def test_local_mode_keeps_k_in_all_and_runs_its_own_math():
     y_expected = (torch.where(keep, _z(decode, w["gate"], w["up"]), 0.0) @ w["down"].t()
                   + lowrank_forward(decode, w["lowrank_a"], w["lowrank_b"]))
     torch.testing.assert_close(y, y_expected)
+
+
+@pytest.mark.parametrize(("tp", "density"), [(2, 0.5), (4, 0.5), (2, 0.4375), (4, 0.4375), (8, 0.2)])
+def test_reference_local_selection_is_what_tp_local_serves(tp, density):
+    """What caprese-distill fits a local-selection adapter on (the reference with local_shards = N, one device)
+    keeps the neurons and computes the output that -tp N --caprese-tp-selection local serves (the engine's ops
+    and selector on every rank); k % N != 0 (density 0.4375: k = 21) and k_s = 1 (tp 8, k = 9) included."""
+    w = _layer(3)
+    gen = torch.Generator().manual_seed(4)
+    prompt, decode = torch.randn(9, H, generator=gen, dtype=torch.float64), torch.randn(3, H, generator=gen,
+                                                                                        dtype=torch.float64)
+    _, idx_ref, y_ref = _reference(w, prompt, decode, density, local_shards=tp)
+    _, kept, y = _run_sharded(w, prompt, decode, tp, "local", density)
+    assert idx_ref.tolist() == kept and len(kept) == griffin_k(INTER, density)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    _, idx_tp1, _ = _reference(w, prompt, decode, density)
+    assert idx_tp1.tolist() != kept   # the two selections differ here: the test tells them apart
 
 
 def test_local_k_splits_k_exactly():
@@ -452,3 +470,32 @@ def test_selection_log_says_where_the_mode_came_from(caplog):
         assert "(caprese_tp_selection=local, from the adapter)" in caplog.text
     finally:
         logging.getLogger("vllm.caprese").removeHandler(caplog.handler)
+
+
+def test_tp_local_fit_compares_only_runs_that_differ_in_the_selection():
+    """benchmarks/tp_local_fit.py: the exact-fitted adapter is served local as --caprese-tp-selection local serves
+    it (tensors unchanged, manifest's selection local N); runs that differ in anything else are refused."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import tp_local_fit
+    finally:
+        sys.path.pop(0)
+    method = MethodSpec(name="griffin", density=0.5, layers=[0, 1])
+    exact = synthetic_adapter(_base(), method, rank=4, seed=1)
+    local = synthetic_adapter(_base(), method, rank=4, seed=2)
+    local.manifest.tensor_parallel = TensorParallelInfo(selection="local", size=2)
+    assert tp_local_fit.check_comparable(exact, local) == 2
+    served = tp_local_fit.served_local(exact, 2)
+    assert served.manifest.local_shards == 2 and served.lowrank_a[0] is exact.lowrank_a[0]
+    assert exact.manifest.local_shards == 1                       # the original is left as it was
+    with pytest.raises(ValueError, match="not fitted for local selection"):
+        tp_local_fit.check_comparable(exact, exact)
+    with pytest.raises(ValueError, match="was fitted for local selection"):
+        tp_local_fit.check_comparable(local, local)
+    other = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.25, layers=[0, 1]), rank=4)
+    other.manifest.tensor_parallel = TensorParallelInfo(selection="local", size=2)
+    with pytest.raises(ValueError, match="differ in base model, method"):
+        tp_local_fit.check_comparable(exact, other)

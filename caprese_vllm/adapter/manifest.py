@@ -116,5 +116,12 @@ class CapreseManifest(BaseModel):
     def tp_selection(self) -> Literal["exact", "local"]:
         return "exact" if self.tensor_parallel is None else self.tensor_parallel.selection
 
+    @property
+    def local_shards(self) -> int:
+        """The shards GRIFFIN's selection was fitted over: N for `tensor_parallel {selection: local, size: N}`
+        (the reference and caprese-distill's evaluation select so, as `-tp N` serves it), else 1."""
+        tp = self.tensor_parallel
+        return tp.size if tp is not None and tp.selection == "local" and tp.size is not None else 1
+
     def extra_params(self) -> int:
         return sum(2 * self.base_model.hidden_size * r for r in self.lowrank.ranks.values())

@@ -78,19 +78,20 @@ class CapreseMLP(nn.Module):
     """Gated FF `down(act(gate(x)) * up(x))` with a sparse decode path and a low-rank branch."""
 
     def __init__(self, mlp: nn.Module, layer: int, method: MethodSpec, runtime: CapreseRuntime,
-                 lowrank_a: torch.Tensor | None, lowrank_b: torch.Tensor | None):
+                 lowrank_a: torch.Tensor | None, lowrank_b: torch.Tensor | None, local_shards: int = 1):
         super().__init__()
         self.dense_mlp = mlp  # the original module, weights untouched
         self.layer = layer
         self.method = method
         self.runtime = runtime
         self.intermediate_size = mlp.gate_proj.out_features
+        self.local_shards = local_shards  # GRIFFIN's local tensor-parallel selection over N shards (1: TP=1's)
         self.lowrank_a = None if lowrank_a is None else nn.Parameter(lowrank_a, requires_grad=False)
         self.lowrank_b = None if lowrank_b is None else nn.Parameter(lowrank_b, requires_grad=False)
-        self.sparsifier: Sparsifier = make_sparsifier(method, layer, self.intermediate_size)
+        self.sparsifier: Sparsifier = make_sparsifier(method, layer, self.intermediate_size, local_shards)
 
     def reset(self) -> None:
-        self.sparsifier = make_sparsifier(self.method, self.layer, self.intermediate_size)
+        self.sparsifier = make_sparsifier(self.method, self.layer, self.intermediate_size, self.local_shards)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, S, H]
         mlp, plan = self.dense_mlp, self.runtime.plan
@@ -119,11 +120,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def patch_model(model: nn.Module, method: MethodSpec | None = None,
-                adapter: CapreseAdapter | None = None) -> CapreseRuntime:
+                adapter: CapreseAdapter | None = None, local_shards: int | None = None) -> CapreseRuntime:
     """Swap the MLPs of `method.layers` (default: the adapter's method) for CapreseMLPs, in place.
 
+    local_shards: GRIFFIN selects as `-tp N --caprese-tp-selection local` serves (reference/sparsifiers.py);
+    default: the adapter's `tensor_parallel` (local with a size N: N shards), else 1 (the TP=1 selection).
     The adapter is checked against the model (sizes, layer count, weight fingerprint) first, so
-    nothing is patched when it does not fit.
+    nothing is patched when it does not fit. Raises ValueError for shards that do not divide the FF width.
     """
     if getattr(model, "_caprese_runtime", None) is not None:
         raise RuntimeError("model is already patched; call unpatch_model first")
@@ -139,6 +142,8 @@ def patch_model(model: nn.Module, method: MethodSpec | None = None,
         if missing:
             raise ValueError(f"adapter has low-rank paths for layers {sorted(missing)} that method.layers "
                              "does not compress")
+    if local_shards is None:
+        local_shards = adapter.manifest.local_shards if adapter is not None else 1
     runtime = CapreseRuntime()
     layers = decoder_layers(model)
     device = next(model.parameters()).device
@@ -146,7 +151,7 @@ def patch_model(model: nn.Module, method: MethodSpec | None = None,
         a = b = None
         if adapter is not None and i in adapter.lowrank_a:
             a, b = adapter.lowrank_a[i].to(device), adapter.lowrank_b[i].to(device)
-        mlp = CapreseMLP(layers[i].mlp, i, method, runtime, a, b)
+        mlp = CapreseMLP(layers[i].mlp, i, method, runtime, a, b, local_shards)
         runtime.mlps.append(mlp)
         layers[i].mlp = mlp
     model._caprese_runtime = runtime

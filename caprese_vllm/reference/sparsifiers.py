@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from caprese_vllm.engine.tensor_parallel import TensorParallelShard
 from caprese_vllm.methods import MethodSpec, cats_keep_mask, griffin_accumulate, griffin_k, griffin_select
+from caprese_vllm.methods.griffin import griffin_token_stat
 
 
 class DenseSparsifier:
@@ -25,22 +27,48 @@ class DenseSparsifier:
 
 
 class GriffinSparsifier:
-    def __init__(self, intermediate_size: int, density: float):
+    """GRIFFIN on one layer. `local_shards` N > 1: the selection that `-tp N --caprese-tp-selection local` serves
+    (engine/tensor_parallel.py), computed on one device: neurons [s*I/N, (s+1)*I/N) form shard s; each prompt
+    token is normalised over each shard's neurons alone and shard s keeps its own top-k_s, k_s = k // N (+1 on
+    the first k % N shards). What distillation fits a local-selection adapter on."""
+
+    def __init__(self, intermediate_size: int, density: float, local_shards: int = 1):
+        if local_shards < 1 or intermediate_size % local_shards:
+            raise ValueError(f"caprese: {local_shards} local-selection shards do not divide the layer's "
+                             f"{intermediate_size} FF neurons")
         self.k = griffin_k(intermediate_size, density)
+        self.local_shards = local_shards
         self.stat_sq: torch.Tensor | None = None   # [B, I] float32, sum over prompt tokens
         self.neuron_idx: torch.Tensor | None = None  # [B, k], set once the prompt is done
 
     def observe(self, z: torch.Tensor, gate_act: torch.Tensor, prompt_mask: torch.Tensor) -> None:
         if self.stat_sq is None:
             self.stat_sq = torch.zeros(z.shape[0], z.shape[-1], dtype=torch.float32, device=z.device)
-        griffin_accumulate(self.stat_sq, z, prompt_mask)
+        if self.local_shards == 1:
+            griffin_accumulate(self.stat_sq, z, prompt_mask)
+        else:  # [B, S, I] -> [B, S, N, I/N]: each token's norm is taken over each shard's neurons
+            shards = z.unflatten(-1, (self.local_shards, -1))
+            contrib = torch.where(prompt_mask[..., None, None], griffin_token_stat(shards), 0.0)
+            self.stat_sq += contrib.sum(dim=1).flatten(-2)
         self.neuron_idx = None  # more prompt seen: select again
+
+    def _select(self) -> torch.Tensor:
+        """neuron_idx [B, k] int64 ascending."""
+        if self.local_shards == 1:
+            return griffin_select(self.stat_sq, self.k)
+        width = self.stat_sq.shape[-1] // self.local_shards
+        parts = []
+        for s, stat in enumerate(self.stat_sq.split(width, dim=-1)):
+            k_s = TensorParallelShard(self.local_shards, s, "local").local_k(self.k)
+            if k_s:  # a shard keeping none (k < N) contributes nothing
+                parts.append(griffin_select(stat, k_s) + s * width)
+        return torch.cat(parts, dim=-1)
 
     def keep_mask(self, gate_act: torch.Tensor) -> torch.Tensor:
         if self.stat_sq is None:
             raise RuntimeError("GRIFFIN needs the prompt's activations before the first generated token")
         if self.neuron_idx is None:
-            self.neuron_idx = griffin_select(self.stat_sq, self.k)
+            self.neuron_idx = self._select()
         keep = torch.zeros(self.stat_sq.shape, dtype=torch.bool, device=gate_act.device)
         keep.scatter_(1, self.neuron_idx, True)
         return keep.unsqueeze(1).expand_as(gate_act)
@@ -60,9 +88,10 @@ class CatsSparsifier:
 Sparsifier = DenseSparsifier | GriffinSparsifier | CatsSparsifier
 
 
-def make_sparsifier(method: MethodSpec, layer: int, intermediate_size: int) -> Sparsifier:
+def make_sparsifier(method: MethodSpec, layer: int, intermediate_size: int, local_shards: int = 1) -> Sparsifier:
+    """local_shards: GRIFFIN's local tensor-parallel selection over that many shards (1: the TP=1 selection)."""
     if method.name == "griffin":
-        return GriffinSparsifier(intermediate_size, method.density)
+        return GriffinSparsifier(intermediate_size, method.density, local_shards)
     if method.name == "cats":
         return CatsSparsifier(method.thresholds[layer])
     return DenseSparsifier()
