@@ -277,22 +277,13 @@ def test_check_parallelism_refuses_what_cannot_shard_in_one_line():
         check_parallelism(_config(4, INTER), tiny, "local")
 
 
-def test_summary_says_and_exports_the_tensor_parallel_selection(tmp_path):
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from caprese_vllm.observability import ServedCollector, confirm_served, summarize
-
-    adapter = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.5, layers=[0, 1]), rank=4)
-    summary = summarize(adapter, "ad", "m", None, 0.5, "portable", tp_size=2, tp_selection="local")
-    assert summary.log_line().endswith("FF path: portable PyTorch; tensor parallel 2, local selection")
-    registry = CollectorRegistry()
-    registry.register(ServedCollector(tmp_path))
-    confirm_served(summary, tmp_path)
-    assert 'caprese:tensor_parallel{selection="local"} 2.0' in generate_latest(registry).decode()
-
-
-def test_a_cats_adapter_under_tp_is_not_called_a_selection(tmp_path):
-    # CATS thresholds each neuron's own activation: no GRIFFIN selection runs, exact or local.
+@pytest.mark.parametrize(("method", "selection", "says"), [
+    (MethodSpec(name="griffin", density=0.5, layers=[0, 1]), "local", "tensor parallel 2, local selection"),
+    # CATS thresholds each neuron's own activation: no GRIFFIN selection runs, exact or local
+    (MethodSpec(name="cats", density=0.5, layers=[0], thresholds={0: 0.1}), "threshold",
+     "tensor parallel 2, CATS thresholds per neuron (as at TP=1)"),
+])
+def test_summary_says_and_exports_what_selects_under_tp(tmp_path, method, selection, says):
     from types import SimpleNamespace
 
     from prometheus_client import CollectorRegistry, generate_latest
@@ -301,17 +292,16 @@ def test_a_cats_adapter_under_tp_is_not_called_a_selection(tmp_path):
     from caprese_vllm.observability import ServedCollector, confirm_served, summarize
 
     tp2 = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=2))
-    serve = CapreseServeConfig.from_additional_config({"caprese_adapter": "a"})
-    assert _served_selection(serve, tp2, "cats") == "threshold"
-    assert _served_selection(serve, tp2, "griffin") == "exact"
-    adapter = synthetic_adapter(_base(), MethodSpec(name="cats", density=0.5, layers=[0], thresholds={0: 0.1}),
-                                rank=4)
-    summary = summarize(adapter, "ad", "m", None, 0.5, "portable", tp_size=2, tp_selection="threshold")
-    assert summary.log_line().endswith("tensor parallel 2, CATS thresholds per neuron (as at TP=1)")
+    serve = CapreseServeConfig.from_additional_config({"caprese_adapter": "a", "caprese_tp_selection": "local"}
+                                                      if method.name == "griffin" else {"caprese_adapter": "a"})
+    assert _served_selection(serve, tp2, method.name) == selection
+    adapter = synthetic_adapter(_base(), method, rank=4)
+    summary = summarize(adapter, "ad", "m", None, 0.5, "portable", tp_size=2, tp_selection=selection)
+    assert summary.log_line().endswith(f"FF path: portable PyTorch; {says}")
     registry = CollectorRegistry()
     registry.register(ServedCollector(tmp_path))
     confirm_served(summary, tmp_path)
-    assert 'caprese:tensor_parallel{selection="threshold"} 2.0' in generate_latest(registry).decode()
+    assert f'caprese:tensor_parallel{{selection="{selection}"}} 2.0' in generate_latest(registry).decode()
 
 
 def test_selection_comes_from_the_flag_else_the_manifest_else_exact(caplog):
