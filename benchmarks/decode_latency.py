@@ -203,6 +203,7 @@ def main() -> None:
     if args.json_out and not args.json_out.parent.is_dir():
         raise SystemExit(f"decode_latency.py: error: --json-out {args.json_out}: no folder {args.json_out.parent}")
     source, mapped = resolve_configurations(args, "decode_latency.py")
+    check_parallel_shapes(args, mapped, "decode_latency.py")
 
     table: dict[str, dict[str, dict]] = {}
     failed: list[str] = []
@@ -238,8 +239,10 @@ def main() -> None:
 
 def check_parallel_args(args, prog: str) -> None:
     """-tp and --tp-selection: resolved in place (the selection defaults to the adapter's, else exact); SystemExit
-    with one `PROG: error:` line for a size below 1, a selection at -tp 1 (where there is none to choose) and a
-    -tp that does not divide a model's FF width or attention heads (vLLM would refuse it after minutes)."""
+    with one `PROG: error:` line for a size below 1, a selection at -tp 1 (where there is none to choose) and an
+    unreadable --adapter-config. The shapes are checked against -tp by check_parallel_shapes."""
+    from caprese_vllm.adapter import AdapterError
+
     tp = args.tensor_parallel_size
     if tp < 1:
         raise SystemExit(f"{prog}: error: --tensor-parallel-size {tp}: pass 1 or more")
@@ -250,14 +253,36 @@ def check_parallel_args(args, prog: str) -> None:
         args.tp_selection = "exact"
         return
     if args.tp_selection is None:
-        fitted = load_adapter_configuration(args.adapter_config).tp_selection if args.adapter_config else "exact"
+        try:
+            fitted = load_adapter_configuration(args.adapter_config).tp_selection if args.adapter_config else "exact"
+        except AdapterError as err:
+            raise SystemExit(f"{prog}: error: {err}") from None
         args.tp_selection = fitted
-    for model in args.models:
+
+
+def check_parallel_shapes(args, mapped: dict[str, MappedConfiguration], prog: str) -> None:
+    """Every engine this run would start can run at -tp N (engine/tensor_parallel.py tensor_parallel_refusal:
+    vLLM's head and FF-width rules, local selection's k >= N), the `width` model's FF width included: one
+    `PROG: error:` line before any engine starts, instead of a worker failing after minutes."""
+    from caprese_vllm.engine.tensor_parallel import tensor_parallel_refusal
+
+    tp = args.tensor_parallel_size
+    if tp == 1:
+        return
+    for model, m in mapped.items():
         config = json.loads((TARGET_SHAPES / f"{model}.json").read_text())
-        for key in ("intermediate_size", "num_attention_heads"):
-            if config[key] % tp:
-                raise SystemExit(f"{prog}: error: --tensor-parallel-size {tp} does not divide {model}'s {key} "
-                                 f"({config[key]}); pick a -tp that does, or drop {model}")
+        heads, kv = config["num_attention_heads"], config.get("num_key_value_heads")
+        k = griffin_k(m.target.intermediate_size, m.density) if args.tp_selection == "local" else None
+        engines = {"dense": (config["intermediate_size"], None)}
+        if "width" in args.variants:
+            engines["width"] = (m.ff_width_read(), None)
+        if any(v.startswith("caprese") for v in args.variants):
+            engines["caprese"] = (config["intermediate_size"], k)
+        for variant, (inter, k_local) in engines.items():
+            why = tensor_parallel_refusal(tp, inter, heads, kv, k_local)
+            if why is not None:
+                raise SystemExit(f"{prog}: error: -tp {tp}: {model}'s {variant} engine cannot run: {why}; pick a -tp "
+                                 f"that shards it{', or drop --variants width' if variant == 'width' else ''}")
 
 
 def resolve_configurations(args, prog: str) -> tuple[AdapterConfiguration | None, dict[str, MappedConfiguration]]:

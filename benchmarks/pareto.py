@@ -52,8 +52,8 @@ class Point(BaseModel):
     rank: int | None = Field(None, gt=0)
     e2e_epochs: int | None = Field(None, gt=0)
     e2e_samples: int | None = Field(None, gt=0)
-    tp_local: int | None = Field(None, ge=2, description="fit for `-tp N --caprese-tp-selection local` (caprese-distill "
-                                 "--tp-selection local --tp-size N; evaluated at -tp N)")
+    tp_local: int | None = Field(None, ge=2, description="fit for `-tp N --caprese-tp-selection local` "
+                                 "(caprese-distill --tp-selection local --tp-size N; evaluated at -tp N)")
 
 
 def resolve_layers(spec: str, num_layers: int, sensitivity_run: Path | None = None) -> list[int]:

@@ -69,34 +69,68 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.config import DistillConfig
+    from caprese_vllm.adapter import AdapterError
     from distill.data import read_samples
-    from distill.evaluate import teacher_forced
     from distill.generate import split_path
     from distill.pipeline import resolve_model
 
-    config = DistillConfig.model_validate_json((args.local_run / "config.json").read_text())
-    model_dir = resolve_model(config.model)
+    splits = {}
+    for split in args.split:
+        path = split_path(args.local_run, split)
+        samples = read_samples(path) if path.exists() else []
+        if not samples:
+            sys.exit(f"tp_local_fit.py: error: --split {split}: no samples at {path}; pass splits the runs have "
+                     "(heldout_math, heldout_language)")
+        splits[split] = samples
+    try:
+        model_dir = resolve_model(run_model(args.local_run))
+    except (OSError, ValueError) as err:
+        sys.exit(f"tp_local_fit.py: error: --local-run {args.local_run}: {str(err).splitlines()[0]}")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    method = exact.manifest.method
     table: dict[str, dict[str, dict[str, float]]] = {}
-    for split in args.split:
-        samples = read_samples(split_path(args.local_run, split))
-        if not samples:
-            continue
-        row = {}
-        at_tp1 = teacher_forced(model, samples, method, exact, pad_id, args.batch_tokens, f"{split}: exact")
-        row["GRIFFIN exact (TP=1)"], row["exact-fitted, exact"] = at_tp1["sparse"], at_tp1["caprese"]
-        served = teacher_forced(model, samples, method, served_local(exact, shards), pad_id, args.batch_tokens,
-                                f"{split}: exact-fitted at -tp {shards} local")
-        row[f"GRIFFIN local (-tp {shards})"], row["exact-fitted, served local"] = served["sparse"], served["caprese"]
-        fitted = teacher_forced(model, samples, method, local, pad_id, args.batch_tokens,
-                                f"{split}: local-fitted at -tp {shards} local")
-        row["local-fitted, served local"] = fitted["caprese"]
-        table[f"{split} ({at_tp1['positions']} positions)"] = row
+    try:
+        for split, samples in splits.items():
+            table.update(compare(model, samples, split, exact, local, shards, pad_id, args.batch_tokens))
+    except AdapterError as err:   # the runs' model is not the adapters' (checked against the loaded weights)
+        sys.exit(f"tp_local_fit.py: error: {str(err).splitlines()[0]}")
+    print_table(table, shards, exact)
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"shards": shards, "table": table}, indent=2) + "\n")
 
+
+def run_model(run_dir: Path) -> str:
+    """The `model` a caprese-distill run was made with (RUN_DIR/config.json); ValueError (one line) otherwise."""
+    try:
+        model = json.loads((run_dir / "config.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"no readable config.json of a caprese-distill run ({str(err).splitlines()[0]})") from None
+    if not isinstance(model, str):
+        raise ValueError("its config.json names no model")
+    return model
+
+
+def compare(model, samples, split: str, exact: CapreseAdapter, local: CapreseAdapter, shards: int, pad_id: int,
+            batch_tokens: int) -> dict[str, dict[str, dict[str, float]]]:
+    """{split title: {variant: {agreement, kl}}}: the module docstring's rows on one split."""
+    from distill.evaluate import teacher_forced
+
+    method = exact.manifest.method
+    row = {}
+    at_tp1 = teacher_forced(model, samples, method, exact, pad_id, batch_tokens, f"{split}: exact")
+    row["GRIFFIN exact (TP=1)"], row["exact-fitted, exact"] = at_tp1["sparse"], at_tp1["caprese"]
+    served = teacher_forced(model, samples, method, served_local(exact, shards), pad_id, batch_tokens,
+                            f"{split}: exact-fitted at -tp {shards} local")
+    row[f"GRIFFIN local (-tp {shards})"], row["exact-fitted, served local"] = served["sparse"], served["caprese"]
+    fitted = teacher_forced(model, samples, method, local, pad_id, batch_tokens,
+                            f"{split}: local-fitted at -tp {shards} local")
+    row["local-fitted, served local"] = fitted["caprese"]
+    return {f"{split} ({at_tp1['positions']} positions)": row}
+
+
+def print_table(table: dict, shards: int, exact: CapreseAdapter) -> None:
+    method = exact.manifest.method
     print(f"\n### Teacher-forced quality under -tp {shards} local selection: {method.name} density "
           f"{method.density:g} on {len(method.layers)} layers, rank {max(exact.manifest.lowrank.ranks.values())}\n")
     splits = list(table)
@@ -105,8 +139,6 @@ def main() -> None:
     for name in next(iter(table.values()), {}):
         cells = [f"{table[s][name]['agreement']:.3f} / {table[s][name]['kl']:.4f}" for s in splits]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    if args.json_out:
-        args.json_out.write_text(json.dumps({"shards": shards, "table": table}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

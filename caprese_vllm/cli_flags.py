@@ -30,6 +30,8 @@ import os
 import re
 import sys
 
+from caprese_vllm.engine.config import ANY_CASE_FIELDS, PREFIX
+
 _FLAGS = {
     "--caprese-adapter": ("caprese_adapter", str),
     "--caprese-density": ("caprese_density", float),
@@ -46,6 +48,7 @@ _EXPECTED = {
     "--caprese-kernels": "pass auto, on or off",
     "--caprese-tp-selection": "pass exact or local",
 }
+_ANY_CASE_KEYS = frozenset(PREFIX + name for name in ANY_CASE_FIELDS)
 _ADDITIONAL = "--additional-config"
 _TRANSLATED_ENV = "CAPRESE_TRANSLATED_ARGV"  # the argv this process family already rewrote (children inherit it)
 
@@ -107,6 +110,8 @@ class _Sources:
     def _merge(self, into: dict, update: dict, where: str, append_lists: bool, path: tuple) -> None:
         for key, value in update.items():
             at = (*path, key)
+            if not path and key in _ANY_CASE_KEYS and isinstance(value, str):
+                value = value.lower()   # "LOCAL" in the JSON and --caprese-tp-selection local are one value
             old = into.get(key)
             if isinstance(value, dict) and isinstance(old, dict):
                 self._merge(old, value, where, append_lists, at)

@@ -54,9 +54,10 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available; checked before "
                         "anything runs)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--tp-selection", choices=["exact", "local"], help="GRIFFIN selection to fit for: exact "
-                        "(default; serves at any -tp) or local (per-shard top-k of `vllm serve -tp N "
-                        "--caprese-tp-selection local`; needs --tp-size N; evaluated at -tp N)")
+    parser.add_argument("--tp-selection", type=str.lower, choices=["exact", "local"],
+                        help="GRIFFIN selection to fit for: exact (default; serves at any -tp) or local "
+                        "(per-shard top-k of `vllm serve -tp N --caprese-tp-selection local`; needs --tp-size N; "
+                        "evaluated at -tp N)")
     parser.add_argument("--tp-size", type=int, help="with --tp-selection local: the -tp it will be served at")
     parser.add_argument("--num-samples", type=int, help="training samples (default 20000, as in the paper)")
     parser.add_argument("--heldout-math", type=int)

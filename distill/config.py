@@ -140,13 +140,14 @@ class DistillConfig(_Strict):
         if self.tp_selection == "local":
             if self.method != "griffin":
                 raise ValueError(f"tp_selection local applies to GRIFFIN only (CATS thresholds each neuron on its "
-                                 f"own: the same at any -tp), and method is {self.method}; drop --tp-selection")
+                                 f"own: the same at any -tp), and method is {self.method}; drop tp_selection "
+                                 "(--tp-selection)")
             if self.tp_size < 2:
                 raise ValueError(f"tp_selection local needs tp_size >= 2 (the -tp the adapter will be served at), "
-                                 f"got {self.tp_size}; pass --tp-size N")
+                                 f"got {self.tp_size}; set tp_size (--tp-size N)")
         elif self.tp_size != 1:
             raise ValueError(f"tp_size {self.tp_size} applies to tp_selection local only (an exact-selection adapter "
-                             "serves at any -tp); drop --tp-size, or pass --tp-selection local")
+                             "serves at any -tp); drop tp_size (--tp-size), or set tp_selection local")
         return self
 
     @property

@@ -46,28 +46,47 @@ def resolve_model(name_or_dir: str) -> Path:
                             f"({', '.join(CATALOG)}); pass a local HF checkpoint directory")
 
 
+def _tp_sizes(model_dir: Path) -> tuple[int, int, int | None]:
+    """(intermediate_size, num_attention_heads, num_key_value_heads or None) from the checkpoint's config.json (its
+    text_config where it has one, as multimodal Gemma 3 does); ConfigError naming the file and field otherwise."""
+    path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model {model_dir}: cannot read config.json for --tp-size ({str(err).splitlines()[0]})") \
+            from None
+    text = raw.get("text_config") if isinstance(raw, dict) and isinstance(raw.get("text_config"), dict) else raw
+    sizes = []
+    for field in ("intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        value = text.get(field) if isinstance(text, dict) else None
+        if field == "num_key_value_heads" and value is None:
+            sizes.append(None)
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"model {model_dir}: {path.name} has no positive integer {field} ({value!r}), which "
+                              "a local-selection fit (--tp-size) needs to shard the model as vLLM will")
+        else:
+            sizes.append(value)
+    return sizes[0], sizes[1], sizes[2]
+
+
 def check_tensor_parallel(config: DistillConfig, model_dir: Path) -> None:
-    """tp_selection local: tp_size must shard the model as `vllm serve -tp N` will (engine/install.py
-    check_parallelism): N divides the FF width I, and every shard keeps a neuron (k >= N). ConfigError naming the
-    field otherwise."""
+    """tp_selection local: `vllm serve -tp tp_size` must be able to serve the model and the adapter
+    (engine/tensor_parallel.py tensor_parallel_refusal: heads, KV heads and FF width divisible, k >= N), or the
+    evaluation would fail after the data and fit steps. ConfigError (one line naming tp_size, and a size that
+    works) otherwise."""
     if config.local_shards == 1:
         return
-    from transformers import AutoConfig
-
-    from caprese_vllm.adapter.base_info import text_config
+    from caprese_vllm.engine.tensor_parallel import largest_servable_tp, tensor_parallel_refusal
     from caprese_vllm.methods import griffin_k
 
-    inter = text_config(AutoConfig.from_pretrained(model_dir)).intermediate_size
-    n = config.tp_size
-    if inter % n:
-        fits = [d for d in range(2, n + 1) if inter % d == 0]
-        raise ConfigError(f"field tp_size: {n} does not divide {config.model}'s {inter} FF neurons (intermediate_size"
-                          f"), which each rank of -tp {n} must hold an equal share of; use --tp-size "
-                          f"{max(fits) if fits else 'N'} or --tp-selection exact")
-    k = griffin_k(inter, config.density)
-    if k < n:
-        raise ConfigError(f"field tp_size: density {config.density:g} keeps k={k} of {inter} neurons, fewer than the "
-                          f"{n} shards (some would keep none); raise --density or lower --tp-size")
+    inter, heads, kv = _tp_sizes(model_dir)
+    n, k = config.tp_size, griffin_k(inter, config.density)
+    why = tensor_parallel_refusal(n, inter, heads, kv, k)
+    if why is not None:
+        fits = largest_servable_tp(n, inter, heads, kv, k)
+        instead = f"use --tp-size {fits}" if fits else "no -tp below it serves this model"
+        raise ConfigError(f"tp_size (--tp-size) {n}: vLLM cannot serve {config.model} at -tp {n} with local "
+                          f"selection at density {config.density:g}: {why}; {instead}, or --tp-selection exact")
 
 
 class Pipeline:

@@ -196,24 +196,31 @@ def test_every_float_setting_must_be_finite(tmp_path, section, key):
 
 @pytest.fixture
 def llama_dir(tmp_path) -> Path:
-    """A checkpoint config that AutoConfig reads (FF width I = 1536, as SmolLM2-135M's); no weights needed."""
+    """A checkpoint config (FF width I = 1536, 12 heads, 4 KV heads); no weights needed."""
     d = tmp_path / "llama"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
-        "num_hidden_layers": 4, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 1000}))
+        "num_hidden_layers": 4, "num_attention_heads": 12, "num_key_value_heads": 4, "vocab_size": 1000}))
     return d
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--tp-selection", "local"], "tp_selection local needs tp_size >= 2 (the -tp the adapter will be served at), "
-                                  "got 1; pass --tp-size N"),
+                                  "got 1; set tp_size (--tp-size N)"),
     (["--tp-size", "2"], "tp_size 2 applies to tp_selection local only"),
     (["--tp-selection", "local", "--tp-size", "2", "--method", "cats"], "tp_selection local applies to GRIFFIN only"),
-    (["--tp-selection", "local", "--tp-size", "5"], "field tp_size: 5 does not divide"),
-    (["--tp-selection", "local", "--tp-size", "4", "--density", "0.002"],
-     "field tp_size: density 0.002 keeps k=3 of 1536 neurons, fewer than the 4 shards"),
     (["--tp-selection", "local", "--tp-size", "0"], "field tp_size: Input should be greater than or equal to 1"),
+    # what vLLM (or the plugin) would refuse at the evaluation, after the data and fit steps, and a size that works
+    (["--tp-selection", "local", "--tp-size", "5"], "num_attention_heads 12 is not divisible by 5; use --tp-size 4"),
+    (["--tp-selection", "local", "--tp-size", "6"], "num_key_value_heads 4 and 6: neither divides the other; use "
+                                                    "--tp-size 4"),
+    (["--tp-selection", "local", "--tp-size", "4", "--density", "0.002"],
+     "local selection keeps k=3 neurons, fewer than 4 ranks (some would keep none); use --tp-size 2"),
+    # huge: answered at once (the search is bounded by the head count), not after minutes
+    (["--tp-selection", "local", "--tp-size", str(10 ** 30)], "is not divisible by " + str(10 ** 30)
+     + "; use --tp-size 12"),
+    (["--tp-selection", "LOCAL", "--tp-size", "5"], "use --tp-size 4"),   # any case, as vllm serve's flag
 ])
 def test_a_tensor_parallel_fit_that_cannot_be_served_is_refused_before_anything_is_written(tmp_path, llama_dir,
                                                                                             argv, message):
@@ -221,5 +228,14 @@ def test_a_tensor_parallel_fit_that_cannot_be_served_is_refused_before_anything_
     would change nothing, is one line before the run directory exists."""
     line = _generate_refused(tmp_path, llama_dir, *argv)
     assert message in line, line
-    if "does not divide" in message:
-        assert "use --tp-size 4" in line
+
+
+@pytest.mark.parametrize("config", [{"architectures": ["LlamaForCausalLM"]}, {"model_type": "gpt2"},
+                                    {"model_type": "llama", "intermediate_size": None, "num_attention_heads": 4}])
+def test_a_tensor_parallel_fit_on_a_config_without_the_sizes_is_one_line(tmp_path, config):
+    """A config.json without the FF width or heads gave a traceback from the --tp-size check."""
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    line = _generate_refused(tmp_path, d, "--tp-selection", "local", "--tp-size", "2")
+    assert "has no positive integer" in line and "--tp-size" in line, line

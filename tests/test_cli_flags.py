@@ -158,3 +158,15 @@ def test_every_flag_says_what_it_takes():
     from caprese_vllm.cli_flags import _EXPECTED, _FLAGS
 
     assert set(_EXPECTED) == set(_FLAGS), "a new --caprese-* flag needs its error hint"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--caprese-tp-selection", "local", "--additional-config", '{"caprese_tp_selection": "LOCAL"}'],
+    ["--additional-config", '{"caprese_kernels": "ON"}', "--caprese-kernels", "on"],
+    ["--additional-config.caprese_tp_selection", "Local", "--caprese-tp-selection", "LOCAL"],
+])
+def test_one_value_in_two_cases_is_one_value(argv):
+    """caprese_tp_selection / caprese_kernels are read in any case: the same word from two routes is not "set
+    twice" (it was refused, or not, depending on which route came first)."""
+    _, cfg = additional(translate_argv(["serve", "M", "--caprese-adapter", "/a", *argv]))
+    assert set(cfg.values()) <= {"/a", "local", "on"} and len(cfg) == 2

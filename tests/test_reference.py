@@ -151,6 +151,22 @@ def test_griffin_selection_is_per_sequence_and_padding_free(model_tok):
         assert torch.equal(out[row, batch.input_ids.shape[1]:], expected), PROMPTS[row]
 
 
+def test_local_shards_that_cannot_select_leave_the_model_unpatched(model_tok):
+    """patch_model(local_shards=...) checks every layer's shards before it swaps anything: a float, shards with
+    CATS, shards not dividing the FF width and k < shards used to patch the model and fail later (or never)."""
+    model, _ = model_tok
+    inter = decoder_layers(model)[0].mlp.gate_proj.out_features
+    cats = MethodSpec(name="cats", density=0.5, layers=[0], thresholds={0: 0.1})
+    for method, shards, message in ((griffin(model, 0.5, [0, 1]), 2.0, "do not divide"),
+                                    (griffin(model, 0.5, [0, 1]), 7, "do not divide"),
+                                    (griffin(model, 1 / inter, [0, 1]), 2, "keeps k=1 neurons over 2 shards"),
+                                    (cats, 2, "applies to GRIFFIN only")):
+        with pytest.raises(ValueError, match=message):
+            patch_model(model, method, local_shards=shards)
+        assert getattr(model, "_caprese_runtime", None) is None
+        assert not any(type(layer.mlp).__name__ == "CapreseMLP" for layer in decoder_layers(model))
+
+
 @torch.no_grad()
 def test_lowrank_path_applies_to_generated_tokens_only(model_tok):
     model, tok = model_tok

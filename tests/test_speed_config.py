@@ -228,10 +228,26 @@ def test_decode_latency_under_tensor_parallelism_names_it_and_refuses_what_vllm_
     assert a.tp_selection == "local"                        # the adapter's
     for bad, message in ((args(tensor_parallel_size=0), "--tensor-parallel-size 0: pass 1 or more"),
                          (args(tensor_parallel_size=1, tp_selection="local"), "--tp-selection local applies under"),
-                         (args(tensor_parallel_size=3), "does not divide llama-3.1-70b's intermediate_size (28672)"),
-                         (args(models=["smollm2-135m"]), "does not divide smollm2-135m's num_attention_heads (9)")):
-        with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+                         (args(adapter_config=tmp_path / "nowhere"), "no caprese.json there")):
+        with pytest.raises(SystemExit, match=message):
             bench.check_parallel_args(bad, "decode_latency.py")
+
+    def shapes(density=0.5, rank=256, variants=("dense", "width", "caprese"), **kw):
+        a = args(density=density, rank=rank, variants=list(variants), rank_rule="ff-share", **kw)
+        bench.check_parallel_args(a, "decode_latency.py")
+        mapped = {m: bench.configuration(m, a, None) for m in a.models}
+        bench.check_parallel_shapes(a, mapped, "decode_latency.py")
+
+    shapes()                                                 # 70B at -tp 2: every engine shards
+    for kw, message in (({"tensor_parallel_size": 3}, "num_attention_heads 64 is not divisible by 3"),
+                        ({"models": ["smollm2-135m"]}, "smollm2-135m's dense engine cannot run: num_attention_heads"),
+                        # the width model reads k + rank = 14336 + 255 neurons: odd, vLLM would refuse it
+                        ({"rank": 255}, "llama-3.1-70b's width engine cannot run: intermediate_size 14591"),
+                        ({"tp_selection": "local", "density": 0.00004, "variants": ("dense", "caprese")},
+                         "caprese engine cannot run: local selection keeps k=1")):
+        with pytest.raises(SystemExit, match=message):
+            shapes(**kw)
+    shapes(rank=255, variants=("dense", "caprese"))         # no width engine: nothing to refuse
 
     config = load_adapter_configuration(local_dir)
     assert config.tp_selection == "local"

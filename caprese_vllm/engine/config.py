@@ -17,6 +17,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PREFIX = "caprese_"
+# Settings whose values are words read in any case (the flags lower-case them: cli_flags); one rule for every
+# route in, so a value the flag takes is never refused, nor counted as a second value, in --additional-config.
+ANY_CASE_FIELDS = ("kernels", "tp_selection")
 
 
 class CapreseServeConfig(BaseModel):
@@ -41,11 +44,9 @@ class CapreseServeConfig(BaseModel):
         default=None, description="GRIFFIN selection under -tp > 1: exact = as at TP=1 (all-reduced token norms, "
                                   "all-gathered statistics), local = each rank's own top-k/tp, no collective")
 
-    @field_validator("kernels", "tp_selection", mode="before")
+    @field_validator(*ANY_CASE_FIELDS, mode="before")
     @classmethod
     def _any_case(cls, value):
-        # as the flags read them (cli_flags: --caprese-kernels ON, --caprese-tp-selection LOCAL): one spelling
-        # rule for every route in, so a value the flag takes is never refused in --additional-config
         return value.lower() if isinstance(value, str) else value
 
     @field_validator("adapter", mode="before")

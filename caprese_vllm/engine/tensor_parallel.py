@@ -125,6 +125,32 @@ def exact_local_indices(stat_sq_global: torch.Tensor, k: int, shard: TensorParal
 NO_TENSOR_PARALLEL = TensorParallelShard()
 
 
+def tensor_parallel_refusal(tp: int, intermediate_size: int, num_heads: int, num_kv_heads: int | None = None,
+                            k: int | None = None) -> str | None:
+    """Why `-tp tp` cannot serve a model of these sizes, or None. vLLM's own rules: attention heads divisible by tp
+    (vllm/config/model.py verify_with_parallel_config), KV heads divisible by tp or tp by them (QKVParallelLinear
+    replicates KV heads past their count), FF width divisible (MergedColumnParallelLinear's divide()); and, with
+    `k` (local selection's global k), every rank keeping a neuron (k >= tp: install.check_parallelism)."""
+    kv = num_heads if num_kv_heads is None else num_kv_heads
+    if num_heads % tp:
+        return f"num_attention_heads {num_heads} is not divisible by {tp}"
+    if (kv % tp) if tp <= kv else (tp % kv):
+        return f"num_key_value_heads {kv} and {tp}: neither divides the other"
+    if intermediate_size % tp:
+        return f"intermediate_size {intermediate_size} (FF neurons) is not divisible by {tp}"
+    if k is not None and k < tp:
+        return f"local selection keeps k={k} neurons, fewer than {tp} ranks (some would keep none)"
+    return None
+
+
+def largest_servable_tp(below: int, intermediate_size: int, num_heads: int, num_kv_heads: int | None = None,
+                        k: int | None = None) -> int | None:
+    """The largest -tp in [2, below) that tensor_parallel_refusal accepts, or None (bounded by the head count:
+    any servable -tp divides it)."""
+    return next((tp for tp in range(min(below - 1, num_heads), 1, -1)
+                 if tensor_parallel_refusal(tp, intermediate_size, num_heads, num_kv_heads, k) is None), None)
+
+
 class GriffinSelector:
     """Turns a rank's GRIFFIN statistics into the neurons it keeps, once per request (CapreseBatchState._select).
 

@@ -144,8 +144,11 @@ def patch_model(model: nn.Module, method: MethodSpec | None = None,
                              "does not compress")
     if local_shards is None:
         local_shards = adapter.manifest.local_shards if adapter is not None else 1
-    runtime = CapreseRuntime()
+    # every layer's sparsifier is made (and its shards checked) before the first MLP is swapped: nothing half-patched
     layers = decoder_layers(model)
+    for i in method.layers:
+        make_sparsifier(method, i, layers[i].mlp.gate_proj.out_features, local_shards)
+    runtime = CapreseRuntime()
     device = next(model.parameters()).device
     for i in method.layers:
         a = b = None

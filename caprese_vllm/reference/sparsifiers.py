@@ -33,10 +33,14 @@ class GriffinSparsifier:
     the first k % N shards). What distillation fits a local-selection adapter on."""
 
     def __init__(self, intermediate_size: int, density: float, local_shards: int = 1):
-        if local_shards < 1 or intermediate_size % local_shards:
-            raise ValueError(f"caprese: {local_shards} local-selection shards do not divide the layer's "
+        if isinstance(local_shards, bool) or not isinstance(local_shards, int) or local_shards < 1 \
+                or intermediate_size % local_shards:
+            raise ValueError(f"caprese: {local_shards!r} local-selection shards do not divide the layer's "
                              f"{intermediate_size} FF neurons")
         self.k = griffin_k(intermediate_size, density)
+        if local_shards > 1 and self.k < local_shards:  # as -tp N local refuses it (engine/install.py)
+            raise ValueError(f"caprese: local selection keeps k={self.k} neurons over {local_shards} shards, none on "
+                             "some; use a higher density or fewer shards")
         self.local_shards = local_shards
         self.stat_sq: torch.Tensor | None = None   # [B, I] float32, sum over prompt tokens
         self.neuron_idx: torch.Tensor | None = None  # [B, k], set once the prompt is done
@@ -60,8 +64,7 @@ class GriffinSparsifier:
         parts = []
         for s, stat in enumerate(self.stat_sq.split(width, dim=-1)):
             k_s = TensorParallelShard(self.local_shards, s, "local").local_k(self.k)
-            if k_s:  # a shard keeping none (k < N) contributes nothing
-                parts.append(griffin_select(stat, k_s) + s * width)
+            parts.append(griffin_select(stat, k_s) + s * width)
         return torch.cat(parts, dim=-1)
 
     def keep_mask(self, gate_act: torch.Tensor) -> torch.Tensor:
@@ -89,7 +92,11 @@ Sparsifier = DenseSparsifier | GriffinSparsifier | CatsSparsifier
 
 
 def make_sparsifier(method: MethodSpec, layer: int, intermediate_size: int, local_shards: int = 1) -> Sparsifier:
-    """local_shards: GRIFFIN's local tensor-parallel selection over that many shards (1: the TP=1 selection)."""
+    """local_shards: GRIFFIN's local tensor-parallel selection over that many shards (1: the TP=1 selection);
+    ValueError for shards with another method (CATS has no selection: the same at any -tp)."""
+    if local_shards != 1 and method.name != "griffin":
+        raise ValueError(f"caprese: local selection over {local_shards!r} shards applies to GRIFFIN only, not "
+                         f"{method.name}")
     if method.name == "griffin":
         return GriffinSparsifier(intermediate_size, method.density, local_shards)
     if method.name == "cats":
