@@ -386,8 +386,13 @@ def config_cases() -> list[ConfigCase]:
                    bad + "adapter: Input is not a valid path"),
         _json_case("json adapter=list", {"caprese_adapter": [a]}, bad + "adapter: Input is not a valid path"),
         _json_case("json adapter=blank", {"caprese_adapter": "  "}, bad + "adapter: Value error, empty"),
-        _json_case("json kernels=ON", {"caprese_adapter": a, "caprese_kernels": "ON"},
+        _json_case("json kernels=fast", {"caprese_adapter": a, "caprese_kernels": "fast"},
                    bad + "kernels: Input should be 'auto', 'on' or 'off'"),
+        # words are read in any case on every route (engine/config.py ANY_CASE_FIELDS): "ON" is "on", refused on
+        # the CPU as the flag's "on" is, not as a bad word
+        ConfigCase("json kernels=ON on CPU", ("--additional-config", json.dumps({"caprese_adapter": a,
+                                                                                "caprese_kernels": "ON"})),
+                   "caprese_kernels=on: they need a CUDA device", "engine-config"),
         _json_case("json kernels=int", {"caprese_adapter": a, "caprese_kernels": 1},
                    bad + "kernels: Input should be 'auto', 'on' or 'off'"),
         _json_case("json fingerprint=maybe", {"caprese_adapter": a, "caprese_check_fingerprint": "maybe"},
