@@ -272,6 +272,8 @@ def test_check_parallelism_refuses_what_cannot_shard_in_one_line():
                        r".*use -tp 2, or -pp 3") as err:
         check_parallelism(_config(3, 4864), manifest, "exact")
     assert "\n" not in str(err.value)
+    with pytest.raises(AdapterError, match="use -tp 4864, or -pp"):   # answered at once, not after 10^9 sizes
+        check_parallelism(_config(10 ** 9 + 1, 4864), manifest, "exact")
     tiny = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.05, layers=[0]), rank=4).manifest
     with pytest.raises(AdapterError, match="keeps k=2 neurons split over 4 ranks"):
         check_parallelism(_config(4, INTER), tiny, "local")

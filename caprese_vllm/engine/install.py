@@ -134,7 +134,8 @@ def check_parallelism(vllm_config, manifest, selection: TpSelection) -> None:
         return
     inter = text_config(vllm_config.model_config.hf_config).intermediate_size
     if inter % tp:
-        divisors = [d for d in range(2, tp + 1) if inter % d == 0]
+        # bounded by I: a huge -tp must not loop over every size below it (as caprese-distill --tp-size did)
+        divisors = [d for d in range(2, min(tp, inter) + 1) if inter % d == 0]
         raise AdapterError(f"caprese: --tensor-parallel-size {tp} does not divide the model's {inter} FF neurons "
                            f"(intermediate_size), which each rank must hold an equal share of; use -tp "
                            f"{max(divisors) if divisors else 1}, or -pp {tp} to spread the layers instead")

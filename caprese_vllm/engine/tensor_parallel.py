@@ -37,7 +37,6 @@ import torch
 from caprese_vllm.methods.griffin import griffin_indices, griffin_keep
 
 TpSelection = Literal["exact", "local"]
-TP_SELECTIONS: tuple[str, ...] = ("exact", "local")
 
 
 @dataclass(frozen=True)

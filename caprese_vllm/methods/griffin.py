@@ -60,8 +60,11 @@ def griffin_token_stat(z: torch.Tensor, norm_sq: torch.Tensor | None = None) -> 
 
 def griffin_accumulate(stat_sq: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """Add the masked tokens of z [B, S, I] to stat_sq [B, I] (in place); token_mask [B, S] bool.
-    Masked-out tokens (padding, generated) contribute exactly 0, even where their z is NaN or Inf."""
-    contrib = torch.where(token_mask.unsqueeze(-1), griffin_token_stat(z), 0.0)
+    Masked-out tokens (padding, generated) contribute exactly 0, even where their z is NaN or Inf.
+    z may have groups of neurons normalised on their own, z [B, S, N, I/N] into stat_sq [B, N, I/N] (tensor
+    parallelism's local selection over N shards: reference/sparsifiers.py)."""
+    mask = token_mask.reshape(*token_mask.shape, *([1] * (z.dim() - token_mask.dim())))   # [B, S, 1...]
+    contrib = torch.where(mask, griffin_token_stat(z), 0.0)
     stat_sq += contrib.sum(dim=1)
     return stat_sq
 

@@ -15,7 +15,6 @@ import torch
 
 from caprese_vllm.engine.tensor_parallel import TensorParallelShard
 from caprese_vllm.methods import MethodSpec, cats_keep_mask, griffin_accumulate, griffin_k, griffin_select
-from caprese_vllm.methods.griffin import griffin_token_stat
 
 
 class DenseSparsifier:
@@ -48,12 +47,9 @@ class GriffinSparsifier:
     def observe(self, z: torch.Tensor, gate_act: torch.Tensor, prompt_mask: torch.Tensor) -> None:
         if self.stat_sq is None:
             self.stat_sq = torch.zeros(z.shape[0], z.shape[-1], dtype=torch.float32, device=z.device)
-        if self.local_shards == 1:
-            griffin_accumulate(self.stat_sq, z, prompt_mask)
-        else:  # [B, S, I] -> [B, S, N, I/N]: each token's norm is taken over each shard's neurons
-            shards = z.unflatten(-1, (self.local_shards, -1))
-            contrib = torch.where(prompt_mask[..., None, None], griffin_token_stat(shards), 0.0)
-            self.stat_sq += contrib.sum(dim=1).flatten(-2)
+        # [B, S, I] -> [B, S, N, I/N] (N = 1 at TP=1): each token's norm is taken over each shard's neurons
+        shards = z.unflatten(-1, (self.local_shards, -1))
+        griffin_accumulate(self.stat_sq.view(self.stat_sq.shape[0], self.local_shards, -1), shards, prompt_mask)
         self.neuron_idx = None  # more prompt seen: select again
 
     def _select(self) -> torch.Tensor:
