@@ -257,26 +257,30 @@ def test_a_value_the_flag_takes_is_taken_in_additional_config_too():
         CapreseServeConfig.from_additional_config({"caprese_adapter": "a", "caprese_kernels": "ONN"})
 
 
-def _config(tp: int, inter: int):
-    """The two fields of vLLM's VllmConfig that check_parallelism reads."""
-    hf_config = SimpleNamespace(intermediate_size=inter, text_config=None)
+def _config(tp: int, inter: int, heads: int = 12):
+    """The two fields of vLLM's VllmConfig that check_parallelism reads (sizes: intermediate_size, heads)."""
+    hf_config = SimpleNamespace(intermediate_size=inter, num_attention_heads=heads, text_config=None)
     return SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=tp),
                            model_config=SimpleNamespace(hf_config=hf_config))
 
 
 def test_check_parallelism_refuses_what_cannot_shard_in_one_line():
+    """The rules are tensor_parallel_refusal's, the -tp offered largest_servable_tp's (one rule set)."""
     manifest = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.5, layers=[0]), rank=4).manifest
     check_parallelism(_config(2, 4864), manifest, "exact")
     check_parallelism(_config(1, 4863), manifest, "exact")
-    with pytest.raises(AdapterError, match=r"--tensor-parallel-size 3 does not divide the model's 4864 FF neurons"
-                       r".*use -tp 2, or -pp 3") as err:
+    with pytest.raises(AdapterError, match=r"--tensor-parallel-size 3 cannot shard this model: intermediate_size "
+                       r"4864 \(FF neurons\) is not divisible by 3; use -tp 2, or -pp 3") as err:
         check_parallelism(_config(3, 4864), manifest, "exact")
     assert "\n" not in str(err.value)
-    with pytest.raises(AdapterError, match="use -tp 4864, or -pp"):   # answered at once, not after 10^9 sizes
+    # answered at once, not after 10^9 sizes; the -tp offered divides the 12 heads too (not 4864: 12 heads)
+    with pytest.raises(AdapterError, match="num_attention_heads 12 is not divisible by 1000000001; use -tp 4, or -pp"):
         check_parallelism(_config(10 ** 9 + 1, 4864), manifest, "exact")
     tiny = synthetic_adapter(_base(), MethodSpec(name="griffin", density=0.05, layers=[0]), rank=4).manifest
-    with pytest.raises(AdapterError, match="keeps k=2 neurons split over 4 ranks"):
+    with pytest.raises(AdapterError, match="local at -tp 4: local selection keeps k=2 neurons, fewer than 4 ranks "
+                       r"\(some would keep none\); use --caprese-tp-selection exact, a higher density or -tp 2"):
         check_parallelism(_config(4, INTER), tiny, "local")
+    check_parallelism(_config(4, INTER), tiny, "exact")      # exact selection: a rank may keep none of the k
 
 
 @pytest.mark.parametrize(("method", "selection", "says"), [
@@ -349,7 +353,8 @@ def _engine_args(tmp_path, tp: int, **settings):
         config = _config(tp, INTER)
         config.additional_config = args.additional_config
         config.model_config.hf_config = SimpleNamespace(
-            intermediate_size=INTER, hidden_size=H, num_hidden_layers=4, architectures=["Qwen2ForCausalLM"])
+            intermediate_size=INTER, hidden_size=H, num_hidden_layers=4, num_attention_heads=12,
+            architectures=["Qwen2ForCausalLM"])
         config.model_config.model = "m"
         config.model_config.dtype = torch.float32
         config.load_config = SimpleNamespace(load_format="auto")
@@ -369,7 +374,7 @@ def test_front_end_checks_the_density_the_engine_serves(tmp_path, monkeypatch):
     monkeypatch.delenv(plugin.ACTIVE_ENV, raising=False)
     # k = int(48 * 0.05) = 2 neurons, over 4 ranks
     engine_args, original = _engine_args(tmp_path, 4, caprese_tp_selection="local", caprese_density=0.05)
-    with pytest.raises(AdapterError, match="keeps k=2 neurons split over 4 ranks"):
+    with pytest.raises(AdapterError, match="keeps k=2 neurons, fewer than 4 ranks"):
         plugin._create_engine_config_single_threaded(original, engine_args)
     engine_args, original = _engine_args(tmp_path, 2, caprese_tp_selection="local", caprese_density=0.05)
     assert plugin._create_engine_config_single_threaded(original, engine_args).additional_config[

@@ -21,7 +21,13 @@ from caprese_vllm.adapter.fingerprint import fingerprint_checkpoint
 from caprese_vllm.engine.batch_state import CapreseBatchState
 from caprese_vllm.engine.config import CapreseServeConfig
 from caprese_vllm.engine.step_info import set_step_listener
-from caprese_vllm.engine.tensor_parallel import GriffinSelector, TensorParallelShard, TpSelection
+from caprese_vllm.engine.tensor_parallel import (
+    GriffinSelector,
+    TensorParallelShard,
+    TpSelection,
+    largest_servable_tp,
+    tensor_parallel_refusal,
+)
 from caprese_vllm.layers.caprese_mlp import CapreseMLP
 from caprese_vllm.methods import check_griffin_k, griffin_k
 
@@ -124,28 +130,29 @@ def resolve_tp_selection(serve: CapreseServeConfig, vllm_config, manifest, annou
 
 
 def check_parallelism(vllm_config, manifest, selection: TpSelection) -> None:
-    """Raise AdapterError (one line) for what tensor parallelism cannot shard: an FF width I that -tp does not
-    divide (vLLM's MergedColumnParallelLinear gives each rank I/tp neurons), and local selection keeping no
-    neuron on some rank (k < tp). Pipeline parallelism is served (each stage installs the adapter's layers it
-    holds: stage_layers). The plugin calls it before the engine starts; install_caprese again in the engine
-    (an engine made without the CLI hook)."""
+    """Raise AdapterError (one line: what is wrong, and a -tp that works, -pp, or exact selection / a higher
+    density) for a -tp that cannot shard this model and adapter. The rules are tensor_parallel_refusal's
+    (engine/tensor_parallel.py, the one rule set distill and the benchmarks use too): vLLM's divisibility of the
+    attention heads, KV heads and FF width I (MergedColumnParallelLinear gives each rank I/tp neurons), and local
+    selection keeping a neuron on every rank (k >= tp); the -tp offered is largest_servable_tp's. Pipeline
+    parallelism is served (each stage installs the adapter's layers it holds: stage_layers). The plugin calls it
+    before the engine starts; install_caprese again in the engine (an engine made without the CLI hook)."""
     tp = vllm_config.parallel_config.tensor_parallel_size
     if tp == 1:
         return
-    inter = text_config(vllm_config.model_config.hf_config).intermediate_size
-    if inter % tp:
-        # bounded by I: a huge -tp must not loop over every size below it (as caprese-distill --tp-size did)
-        divisors = [d for d in range(2, min(tp, inter) + 1) if inter % d == 0]
-        raise AdapterError(f"caprese: --tensor-parallel-size {tp} does not divide the model's {inter} FF neurons "
-                           f"(intermediate_size), which each rank must hold an equal share of; use -tp "
-                           f"{max(divisors) if divisors else 1}, or -pp {tp} to spread the layers instead")
+    text = text_config(vllm_config.model_config.hf_config)
+    sizes = (text.intermediate_size, text.num_attention_heads, getattr(text, "num_key_value_heads", None))
     method = manifest.method
-    if method.name == "griffin" and selection == "local":
-        k = griffin_k(inter, method.density)
-        if k < tp:
-            raise AdapterError(f"caprese: --caprese-tp-selection local at -tp {tp} keeps k={k} neurons split "
-                               f"over {tp} ranks, none on some; use --caprese-tp-selection exact or a higher "
-                               "density")
+    k = griffin_k(sizes[0], method.density) if method.name == "griffin" and selection == "local" else None
+    why = tensor_parallel_refusal(tp, *sizes, k)
+    if why is None:
+        return
+    fits = largest_servable_tp(tp, *sizes, k) or 1
+    if tensor_parallel_refusal(tp, *sizes) is None:  # only local selection's k: exact selection serves this -tp
+        raise AdapterError(f"caprese: --caprese-tp-selection local at -tp {tp}: {why}; use --caprese-tp-selection "
+                           f"exact, a higher density or -tp {fits}")
+    raise AdapterError(f"caprese: --tensor-parallel-size {tp} cannot shard this model: {why}; use -tp {fits}, or "
+                       f"-pp {tp} to spread the layers instead")
 
 
 def install_caprese(model: nn.Module, vllm_config) -> None:

@@ -129,7 +129,8 @@ def tensor_parallel_refusal(tp: int, intermediate_size: int, num_heads: int, num
     """Why `-tp tp` cannot serve a model of these sizes, or None. vLLM's own rules: attention heads divisible by tp
     (vllm/config/model.py verify_with_parallel_config), KV heads divisible by tp or tp by them (QKVParallelLinear
     replicates KV heads past their count), FF width divisible (MergedColumnParallelLinear's divide()); and, with
-    `k` (local selection's global k), every rank keeping a neuron (k >= tp: install.check_parallelism)."""
+    `k` (local selection's global k), every rank keeping a neuron (k >= tp). The one rule set: serving
+    (install.check_parallelism), caprese-distill's --tp-size and the benchmarks' -tp checks all ask it."""
     kv = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads % tp:
         return f"num_attention_heads {num_heads} is not divisible by {tp}"
