@@ -27,7 +27,8 @@ else:
 
 from caprese_vllm.kernels.act_mul_mask import act_mul_mask, act_mul_mask_reference  # noqa: E402
 from caprese_vllm.kernels.decode_mlp import (  # noqa: E402
-    caprese_ff, decode_workspace, fuse_weights, gather_route_reference, masked_route_reference,
+    caprese_ff, caprese_ff_down, caprese_ff_gate_up, decode_workspace, fuse_weights, gather_route_reference,
+    masked_route_reference,
 )
 from caprese_vllm.kernels.gather_down import gather_down, gather_down_reference, gather_workspace  # noqa: E402
 from caprese_vllm.kernels.gather_gate_up import gather_gate_up, gather_gate_up_reference  # noqa: E402
@@ -296,3 +297,196 @@ def test_routes_replay_in_a_cuda_graph(gather_max):
     want = gather_route_reference(c["x"], c["gate_up_ext"], c["down_t_ext"], 1536, c["idx"], c["slot"], c["dense"],
                                   "silu")
     torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=3e-2)
+
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("gather_max", [0, 8])
+def test_exact_mode_halves_replay_in_a_cuda_graph(gather_max):
+    """Exact mode's two halves with the all-reduce between them (here a doubling: another rank's equal share), as
+    CapreseMLP.forward runs them in a captured graph: the replay follows new sentinel-filled selections."""
+    c = _case(576, 1536, 72, 4)
+    idx = _sentinel_idx(1536, 768, (768, 0, 200, 767, 1))
+    keep = _keep_of(idx, 1536)
+    stat = torch.zeros(SLOTS, 1536, device=DEVICE)
+    ws = decode_workspace(4, 576, 1536, torch.device(DEVICE))
+
+    def step():
+        z, sumsq = caprese_ff_gate_up(c["x"], c["gate_up_ext"], 1536, idx, keep, c["slot"], c["dense"], ws.parts,
+                                      ws.ticket, "silu", gather_max)
+        return caprese_ff_down(z, c["down_t_ext"], 1536, idx, c["slot"], c["dense"], c["dense"], stat, sumsq * 2,
+                               ws.acc, ws.tickets, gather_max)
+
+    out = torch.empty(4, 576, dtype=c["x"].dtype, device=DEVICE)
+    step()  # compile the kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(step())
+    idx.copy_(_sentinel_idx(1536, 768, (3, 768, 0, 500, 90), seed=9))
+    keep.copy_(_keep_of(idx, 1536))
+    c["dense"].fill_(False)
+    graph.replay()
+    want = gather_route_reference(c["x"], c["gate_up_ext"], c["down_t_ext"], 1536, idx, c["slot"], c["dense"], "silu")
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=3e-2)
+
+# ---- tensor parallelism's exact selection (engine/tensor_parallel.py): a rank's neuron_idx rows hold its own,
+# varying count of the global top-k, filled up with the sentinel I/tp (here `inter`, the rank's neuron count),
+# and the statistic is normalised by each token's norm over all ranks' neurons (all-reduced, given).
+
+def _sentinel_idx(inter, width, counts, seed=3):
+    """neuron_idx [len(counts), width] as exact mode fills a rank's rows: counts[s] neurons ascending, then the
+    sentinel `inter` (TensorParallelShard.neuron_fill)."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    rows = []
+    for n in counts:
+        real = torch.randperm(inter, device=DEVICE, generator=g)[:n].sort().values
+        rows.append(torch.cat([real, torch.full((width - n,), inter, dtype=real.dtype, device=DEVICE)]))
+    return torch.stack(rows)
+
+
+def _keep_of(idx, inter):
+    """The masked route's keep mask of sentinel-filled rows: the sentinel keeps nothing (keep_of_indices)."""
+    keep = torch.zeros(idx.shape[0], inter + 1, dtype=torch.uint8, device=DEVICE).scatter_(1, idx, 1)
+    return keep[:, :inter].contiguous()
+
+
+def _sentinel_counts(k):
+    return (k, 0, k // 3, k - 1, 1)   # per slot: full, none (all sentinel), and counts in between
+
+
+@pytest.mark.parametrize("hidden, inter, rank, act", SHAPES)
+@pytest.mark.parametrize("num_tokens", [1, 3, 8])
+def test_gather_gate_up_skips_exact_modes_sentinel_and_sums_dense_tokens_squares(hidden, inter, rank, act,
+                                                                                 num_tokens):
+    """A sentinel entry (= inter) gives z = 0 and reads no row: row `inter` of gate_up_ext is neuron 0's up row, so
+    reading it would give a value where the reference has 0. With sumsq, each dense token gets |z[t, :I]|^2."""
+    c = _case(hidden, inter, rank, num_tokens)
+    slot = torch.arange(num_tokens, device=DEVICE) % SLOTS
+    idx = _sentinel_idx(inter, c["k"], _sentinel_counts(c["k"]))
+    args = (c["x"], c["gate_up_ext"], inter, idx, slot, c["dense"], act)
+    sumsq = torch.zeros(num_tokens, device=DEVICE)
+    z = gather_gate_up(*args, sumsq=sumsq)
+    got, want = z.float(), gather_gate_up_reference(*args)
+    for t in range(num_tokens):
+        n = inter if c["dense"][t] else c["k"] + rank
+        torch.testing.assert_close(got[t, :n], want[t, :n], rtol=2e-2, atol=2e-2)
+        if not c["dense"][t]:
+            sentinel = (idx[slot[t]] == inter).nonzero().squeeze(1)
+            assert bool((want[t, sentinel] == 0).all()) and bool((got[t, sentinel] == 0).all())
+    want_sumsq = torch.where(c["dense"], got[:, :inter].square().sum(1), 0.0)
+    torch.testing.assert_close(sumsq, want_sumsq, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hidden, inter, rank, act", SHAPES)
+@pytest.mark.parametrize("num_tokens", [1, 8])
+def test_gather_down_skips_exact_modes_sentinel(hidden, inter, rank, act, num_tokens):
+    """Row `inter` of down_t_ext is the first low-rank row: a sentinel must add nothing, even where z holds NaN."""
+    c = _case(hidden, inter, rank, num_tokens)
+    slot = torch.arange(num_tokens, device=DEVICE) % SLOTS
+    idx = _sentinel_idx(inter, c["k"], _sentinel_counts(c["k"]))
+    z = torch.randn(num_tokens, inter + rank, device=DEVICE).to(torch.bfloat16)
+    for t in range(num_tokens):
+        if not c["dense"][t]:
+            z[t, : c["k"]][idx[slot[t]] == inter] = float("nan")   # not loaded: the NaN stays out
+    args = (z, c["down_t_ext"], inter, idx, slot, c["dense"])
+    acc, tickets = gather_workspace(num_tokens, hidden, torch.device(DEVICE))
+    no_stat = torch.zeros(num_tokens, dtype=torch.bool, device=DEVICE)
+    want = gather_down_reference(*args)
+    assert bool(torch.isfinite(want).all())
+    for _ in range(2):
+        got = gather_down(*args, no_stat, torch.zeros(SLOTS, inter, device=DEVICE), acc, tickets)
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=3e-2)
+    assert not acc.any() and not tickets.any(), "gather_down must leave its workspace at zero"
+
+
+@pytest.mark.parametrize("hidden, inter, rank, act", SHAPES[:2])
+def test_statistic_with_a_given_global_token_norm_matches_the_reference(hidden, inter, rank, act):
+    """Exact mode: stat_sq += z^2 / token_norm_sq with the all-reduced norm (here this rank's |z|^2 plus another
+    rank's share), in gather_down and in griffin_stats_ (one part), as griffin_sparsify_sharded defines it."""
+    c = _case(hidden, inter, rank, 3, dense_tokens=(0, 2))
+    slot = torch.tensor([1, 1, 3], device=DEVICE)
+    token_stat = torch.tensor([True, False, True], device=DEVICE)  # token 1 decodes: no statistic
+    z = torch.randn(3, inter + rank, device=DEVICE).to(torch.bfloat16)
+    token_norm_sq = z[:, :inter].float().square().sum(1) + torch.tensor([50.0, float("nan"), 7.0], device=DEVICE)
+    want = torch.ones(SLOTS, inter, device=DEVICE)
+    griffin_stats_reference_(z, inter, slot, token_stat, want, token_norm_sq)
+    local = torch.ones(SLOTS, inter, device=DEVICE)
+    griffin_stats_reference_(z, inter, slot, token_stat, local)
+    assert not torch.allclose(want, local), "the premise: the global norm changes the statistic"
+    acc, tickets = gather_workspace(3, hidden, torch.device(DEVICE))
+    got = torch.ones(SLOTS, inter, device=DEVICE)
+    gather_down(z, c["down_t_ext"], inter, c["idx"], slot, c["dense"], token_stat, got, acc, tickets,
+                token_norm_sq=token_norm_sq)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    got = torch.ones(SLOTS, inter, device=DEVICE)
+    griffin_stats_(z, inter, slot, token_stat, got, token_norm_sq[:, None])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("hidden, inter, rank, act", SHAPES)
+@pytest.mark.parametrize("num_tokens", [2, 17, MAX_TOKENS])
+def test_masked_gate_up_writes_token_norms_instead_of_the_statistic(hidden, inter, rank, act, num_tokens):
+    """Exact mode's masked route: with sumsq the last program writes every token's |z[t, :I]|^2 (the keep mask
+    comes from sentinel-filled rows and never holds the sentinel), twice: the ticket resets."""
+    c = _case(hidden, inter, rank, num_tokens, dtype=DOT_DTYPE, dense_tokens=(0, num_tokens - 1))
+    keep = _keep_of(_sentinel_idx(inter, c["k"], _sentinel_counts(c["k"])), inter)
+    parts, ticket = masked_workspace(inter, torch.device(DEVICE))
+    h = c["x"].float() @ c["gate_up_ext"].float().t()
+    want_z = act_mul_mask_reference(h, inter, rank, keep, c["slot"], c["dense"], act)
+    for _ in range(2):
+        sumsq = torch.full((num_tokens,), float("nan"), device=DEVICE)
+        z = masked_gate_up(c["x"], c["gate_up_ext"], inter, keep, c["slot"], c["dense"], None, None, parts, ticket,
+                           act, sumsq=sumsq)
+        torch.testing.assert_close(z.float(), want_z, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(sumsq, z[:, :inter].float().square().sum(1), rtol=1e-4, atol=1e-5)
+        assert int(ticket.item()) == 0, "the last program must reset the ticket"
+
+
+@pytest.mark.parametrize("num_tokens", [6, 12, MAX_TOKENS + 6])  # gather and masked; masked_gate_up; act_mul_mask
+def test_tensor_parallel_exact_shards_sum_to_the_masked_formulation(num_tokens):
+    """-tp 2 with exact selection: each rank runs caprese_ff_gate_up, the ranks' sumsq are summed (the all-reduce),
+    then caprese_ff_down; rank q's neuron_idx rows hold its share of a global top-k (differing per slot and rank,
+    none at all on one), filled with the sentinel. The partial outputs sum to the dense FF with the global
+    selection kept + x A B, and each rank's statistic is TP=1's for its neurons (normalised over all I)."""
+    from caprese_vllm.engine.tensor_parallel import TensorParallelShard, keep_of_indices
+    from caprese_vllm.methods.griffin import griffin_indices
+
+    hidden, inter, rank, act, tp = 64, 192, 9, "silu", 2
+    c = _case(hidden, inter, rank, num_tokens, dtype=torch.float32, dense_tokens=(2, num_tokens - 1))
+    c["slot"] = torch.arange(num_tokens, device=DEVICE) % SLOTS
+    local = inter // tp
+    g = torch.Generator(device=DEVICE).manual_seed(11)
+    keep_all = torch.zeros(SLOTS, inter, dtype=torch.bool, device=DEVICE)
+    for s in range(SLOTS):
+        chosen = torch.arange(c["k"], device=DEVICE) if s == 0 else \
+            torch.randperm(inter, device=DEVICE, generator=g)[: c["k"]]   # slot 0: all on rank 0, none on rank 1
+        keep_all[s, chosen] = True
+    h = c["x"] @ c["gate_up"].t()
+    z = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+    keep = keep_all[c["slot"]] | c["dense"][:, None]
+    want = (z * keep) @ c["down"].t() + ((c["x"] @ c["a"]) @ c["b"]) * (~c["dense"])[:, None]
+    want_stat = torch.zeros(SLOTS, inter, device=DEVICE)
+    griffin_stats_reference_(z, inter, c["slot"], c["dense"], want_stat)
+    for gather_max in (0, num_tokens)[:2 if num_tokens <= 8 else 1]:  # masked route, gather route
+        ranks = []
+        for q in range(tp):
+            shard = TensorParallelShard(tp, q, "exact")
+            rows = slice(q * local, (q + 1) * local)
+            gate_up = torch.cat([c["gate_up"][rows], c["gate_up"][inter:][rows]])
+            gate_up_ext, down_t_ext = fuse_weights(gate_up, c["down"][:, rows], shard.shard_lowrank_a(c["a"]),
+                                                   shard.shard_lowrank_b(c["b"]))
+            idx = griffin_indices(keep_all[:, rows], shard.k_capacity(c["k"], inter), fill=shard.neuron_fill(inter))
+            keep_q = keep_of_indices(idx, local).to(torch.uint8)
+            assert bool((keep_q.bool() == keep_all[:, rows]).all())
+            ws = decode_workspace(num_tokens, hidden, local, torch.device(DEVICE))
+            z_q, sumsq = caprese_ff_gate_up(c["x"], gate_up_ext, local, idx, keep_q, c["slot"], c["dense"], ws.parts,
+                                            ws.ticket, act, gather_max)
+            ranks.append((down_t_ext, idx, ws, z_q, sumsq))
+        token_norm_sq = sum(r[4] for r in ranks)                                   # the all-reduce
+        got = torch.zeros(num_tokens, hidden, device=DEVICE)
+        for q, (down_t_ext, idx, ws, z_q, _) in enumerate(ranks):
+            stat = torch.zeros(SLOTS, local, device=DEVICE)
+            got += caprese_ff_down(z_q, down_t_ext, local, idx, c["slot"], c["dense"], c["dense"], stat,
+                                   token_norm_sq, ws.acc, ws.tickets, gather_max)
+            torch.testing.assert_close(stat, want_stat[:, q * local:(q + 1) * local], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)

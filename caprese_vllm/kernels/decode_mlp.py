@@ -14,6 +14,16 @@ Both routes compute the same function (tested against each other and against the
 dense tokens (prompt, recompute) get every neuron and no low-rank path. `DecodeWorkspace` holds the
 kernels' scratch, shared by all layers (they run one after another); its accumulators and tickets
 are zero between calls.
+
+Tensor parallelism's exact selection (engine/tensor_parallel.py) normalises each prompt token's statistic
+by its norm over all ranks' neurons, which needs an all-reduce between computing z and adding the
+statistic; that collective stays outside the custom ops (vLLM's own registered all-reduce, which its
+compilation and CUDA-graph capture know). So exact mode runs caprese_ff in two halves, the same routes
+and kernels: caprese_ff_gate_up (z, and each token's sum of squares over this rank's neurons, [T]
+float32), the caller's all-reduce of those sums, then caprese_ff_down (the statistic divided by the
+all-reduced norm, and the down projection). Its neuron_idx rows hold the rank's varying count, filled
+up with the sentinel I (= I/tp of the model), which the gather kernels skip; the masked route's keep
+mask never holds it.
 """
 
 from __future__ import annotations
@@ -57,6 +67,44 @@ def caprese_ff(x: torch.Tensor, gate_up_ext: torch.Tensor, down_t_ext: torch.Ten
     rank = down_t_ext.shape[0] - inter
     z, sumsq_parts = act_mul_mask(x @ gate_up_ext.t(), inter, rank, keep_mask, token_slot, token_dense, act)
     griffin_stats_(z, inter, token_slot, token_stat, stat_sq, sumsq_parts)
+    return z @ down_t_ext
+
+
+def caprese_ff_gate_up(x: torch.Tensor, gate_up_ext: torch.Tensor, inter: int, neuron_idx: torch.Tensor,
+                       keep_mask: torch.Tensor, token_slot: torch.Tensor, token_dense: torch.Tensor,
+                       parts: torch.Tensor, ticket: torch.Tensor, act: str,
+                       gather_max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact mode, first half of caprese_ff: (z [T, I + R] in the route's layout, sumsq [T] float32). sumsq holds
+    each dense token's |z[t, :I]|^2 (this rank's share of its norm); other tokens' entries are unspecified (the
+    gather route leaves them 0) and never read: only prompt tokens, which are dense, feed the statistic.
+    parts, ticket: the DecodeWorkspace's masked_gate_up scratch."""
+    num_tokens = x.shape[0]
+    if num_tokens <= gather_max_tokens:
+        sumsq = torch.zeros(num_tokens, dtype=torch.float32, device=x.device)
+        return gather_gate_up(x, gate_up_ext, inter, neuron_idx, token_slot, token_dense, act, sumsq=sumsq), sumsq
+    if num_tokens <= MASKED_GATE_UP_MAX_TOKENS:
+        sumsq = torch.empty(num_tokens, dtype=torch.float32, device=x.device)
+        z = masked_gate_up(x, gate_up_ext, inter, keep_mask, token_slot, token_dense, None, None, parts, ticket,
+                           act, sumsq=sumsq)
+        return z, sumsq
+    rank = gate_up_ext.shape[0] - 2 * inter
+    z, sumsq_parts = act_mul_mask(x @ gate_up_ext.t(), inter, rank, keep_mask, token_slot, token_dense, act)
+    return z, sumsq_parts.sum(dim=1)
+
+
+def caprese_ff_down(z: torch.Tensor, down_t_ext: torch.Tensor, inter: int, neuron_idx: torch.Tensor,
+                    token_slot: torch.Tensor, token_dense: torch.Tensor, token_stat: torch.Tensor,
+                    stat_sq: torch.Tensor, token_norm_sq: torch.Tensor, acc: torch.Tensor, tickets: torch.Tensor,
+                    gather_max_tokens: int) -> torch.Tensor:
+    """Exact mode, second half of caprese_ff: z from caprese_ff_gate_up (same tokens, same gather_max_tokens, so
+    the same route), token_norm_sq [T] float32 each token's |z|^2 over all ranks' neurons (its sumsq all-reduced);
+    adds the prompt tokens' statistic into stat_sq [S, I] and returns this rank's partial y [T, H].
+    acc, tickets: the DecodeWorkspace's gather_down scratch."""
+    num_tokens = z.shape[0]
+    if num_tokens <= gather_max_tokens:
+        return gather_down(z, down_t_ext, inter, neuron_idx, token_slot, token_dense, token_stat, stat_sq, acc,
+                           tickets, token_norm_sq=token_norm_sq)
+    griffin_stats_(z, inter, token_slot, token_stat, stat_sq, token_norm_sq[:, None])
     return z @ down_t_ext
 
 

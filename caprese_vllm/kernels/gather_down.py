@@ -10,8 +10,12 @@ gather route needs no separate statistics kernel.
 
     z            [T, I + R]    from gather_gate_up
     down_t_ext   [I + R, H]
+    neuron_idx   [S, K]        as gather_gate_up's: an entry >= I (exact mode's sentinel) adds nothing and reads
+                               no row (row I of down_t_ext is the first low-rank row)
     acc          [>= T, H] float32, tickets [>= T * cdiv(H, BLOCK_H)] int32: zero, and zero again after
     stat_sq      [S, I] float32, updated in place for prompt tokens (token_stat)
+    token_norm_sq [T] float32, optional: each token's |z|^2 to normalise the statistic by (tensor parallelism's
+                 exact mode: the norm over all ranks' neurons, all-reduced); without it, |z[t, :I]|^2 here
     -> y         [T, H]
 """
 
@@ -23,9 +27,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _gather_down_kernel(z_ptr, w_ptr, idx_ptr, slot_ptr, dense_ptr, stat_flag_ptr, stat_ptr, acc_ptr, ticket_ptr,
-                        y_ptr, H, I, K, R, stride_z, stride_w, stride_idx, stride_stat, stride_acc, stride_y, SPLIT,
-                        NUM_HB, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr):
+def _gather_down_kernel(z_ptr, w_ptr, idx_ptr, slot_ptr, dense_ptr, stat_flag_ptr, stat_ptr, norm_ptr, acc_ptr,
+                        ticket_ptr, y_ptr, H, I, K, R, stride_z, stride_w, stride_idx, stride_stat, stride_acc,
+                        stride_y, SPLIT, NUM_HB, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+                        HAS_NORM: tl.constexpr):
     t = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -47,19 +52,24 @@ def _gather_down_kernel(z_ptr, w_ptr, idx_ptr, slot_ptr, dense_ptr, stat_flag_pt
         is_neuron = v < count
         table = tl.load(idx_ptr + slot * stride_idx + v, mask=live & is_neuron & (v < K), other=0)
         row = tl.where(is_neuron, tl.where(dense, v, table), I + (v - count)).to(tl.int64)
-        zv = tl.load(z_ptr + t * stride_z + v, mask=live, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + row[:, None] * stride_w + hh[None, :], mask=live[:, None] & hmask[None, :], other=0.0)
+        real = live & ((v >= count) | (row < I))      # a sentinel (>= I) is no neuron: nothing loaded
+        zv = tl.load(z_ptr + t * stride_z + v, mask=real, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + row[:, None] * stride_w + hh[None, :], mask=real[:, None] & hmask[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * zv[:, None], axis=0)
     tl.atomic_add(acc_ptr + t * stride_acc + hh, acc, mask=hmask)
 
     if (pid_h == 0) & dense & (tl.load(stat_flag_ptr + t) != 0):
         # GRIFFIN: stat_sq[slot, n] += z_n^2 / |z|^2 for this program's chunk of neurons.
-        sumsq = tl.zeros([BLOCK_S], dtype=tl.float32)
-        for c0 in range(0, I, BLOCK_S):
-            c = c0 + tl.arange(0, BLOCK_S)
-            zc = tl.load(z_ptr + t * stride_z + c, mask=c < I, other=0.0).to(tl.float32)
-            sumsq += zc * zc
-        inv = 1.0 / tl.maximum(tl.sum(sumsq, axis=0), 1.1754943508222875e-38)
+        if HAS_NORM:
+            norm_sq = tl.load(norm_ptr + t)
+        else:
+            sumsq = tl.zeros([BLOCK_S], dtype=tl.float32)
+            for c0 in range(0, I, BLOCK_S):
+                c = c0 + tl.arange(0, BLOCK_S)
+                zc = tl.load(z_ptr + t * stride_z + c, mask=c < I, other=0.0).to(tl.float32)
+                sumsq += zc * zc
+            norm_sq = tl.sum(sumsq, axis=0)
+        inv = 1.0 / tl.maximum(norm_sq, 1.1754943508222875e-38)
         for c0 in range(lo, hi, BLOCK_S):
             c = c0 + tl.arange(0, BLOCK_S)
             zc = tl.load(z_ptr + t * stride_z + c, mask=c < hi, other=0.0).to(tl.float32)
@@ -86,7 +96,7 @@ def gather_workspace(max_tokens: int, hidden: int, device: torch.device) -> tupl
 def gather_down(z: torch.Tensor, down_t_ext: torch.Tensor, inter: int, neuron_idx: torch.Tensor,
                 token_slot: torch.Tensor, token_dense: torch.Tensor, token_stat: torch.Tensor, stat_sq: torch.Tensor,
                 acc: torch.Tensor, tickets: torch.Tensor, split: int = 64, block_n: int = 64, block_h: int = 256,
-                num_warps: int = 2) -> torch.Tensor:
+                num_warps: int = 2, token_norm_sq: torch.Tensor | None = None) -> torch.Tensor:
     num_tokens = z.shape[0]
     hidden = down_t_ext.shape[1]
     rank, k = down_t_ext.shape[0] - inter, neuron_idx.shape[1]
@@ -97,9 +107,10 @@ def gather_down(z: torch.Tensor, down_t_ext: torch.Tensor, inter: int, neuron_id
     y = torch.empty(num_tokens, hidden, dtype=z.dtype, device=z.device)
     grid = (num_tokens, num_hb, split)
     _gather_down_kernel[grid](
-        z, down_t_ext, neuron_idx, token_slot, token_dense, token_stat, stat_sq, acc, tickets, y, hidden, inter, k,
-        rank, z.stride(0), down_t_ext.stride(0), neuron_idx.stride(0), stat_sq.stride(0), acc.stride(0), y.stride(0),
-        split, num_hb, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_S=1024, num_warps=num_warps)
+        z, down_t_ext, neuron_idx, token_slot, token_dense, token_stat, stat_sq,
+        stat_sq if token_norm_sq is None else token_norm_sq, acc, tickets, y, hidden, inter, k, rank, z.stride(0),
+        down_t_ext.stride(0), neuron_idx.stride(0), stat_sq.stride(0), acc.stride(0), y.stride(0), split, num_hb,
+        BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_S=1024, HAS_NORM=token_norm_sq is not None, num_warps=num_warps)
     return y
 
 
@@ -113,5 +124,6 @@ def gather_down_reference(z, down_t_ext, inter, neuron_idx, token_slot, token_de
             y[t] = zt[:inter] @ down_t_ext[:inter].float()
         else:
             idx = neuron_idx[int(token_slot[t])].long()
-            y[t] = zt[:k] @ down_t_ext[idx].float() + zt[k: k + rank] @ down_t_ext[inter:].float()
+            real = idx < inter                  # a sentinel (>= I) is no neuron: nothing added, no row read
+            y[t] = zt[:k][real] @ down_t_ext[idx[real]].float() + zt[k: k + rank] @ down_t_ext[inter:].float()
     return y

@@ -5,12 +5,14 @@ token's row into its slot with atomics would pile millions of atomics onto the s
 Each program takes a tile of TOK_TILE tokens x BLOCK_C neurons instead and, when the whole tile
 belongs to one slot (all but the tiles at request boundaries), adds the tile's column sums with one
 atomic per neuron. Tiles without prompt tokens (every tile of a decode step) return at once.
-Token norms come from act_mul_mask's per-block sums of squares. The float32 accumulation matches
+Token norms come from act_mul_mask's per-block sums of squares, or under tensor parallelism's exact
+selection from the all-reduced norm over all ranks' neurons (one part: token_norm_sq[:, None],
+decode_mlp.caprese_ff_down). The float32 accumulation matches
 `caprese_vllm.methods.griffin.griffin_accumulate`, NaN/Inf included: a prompt token's non-finite
 values reach its own slot's statistic (the selection is defined for them), a non-prompt token's never.
 
     z            [T, >= I]   activations as stored, neuron order (columns [0, I))
-    sumsq_parts  [T, P]      float32, sum over the row's parts = |z_t|^2 (act_mul_mask)
+    sumsq_parts  [T, P]      float32, sum over the row's parts = |z_t|^2 (act_mul_mask; exact mode: [T, 1])
     token_stat   [T] bool    prompt tokens
     stat_sq      [S, I] float32, updated in place
 """
@@ -56,11 +58,15 @@ def griffin_stats_(z: torch.Tensor, inter: int, token_slot: torch.Tensor, token_
     grid = (triton.cdiv(num_tokens, tok_tile), triton.cdiv(inter, block_c))
     _griffin_stats_kernel[grid](z, sumsq_parts, token_slot, token_stat, stat_sq, num_tokens, inter, num_parts,
                                 z.stride(0), sumsq_parts.stride(0), stat_sq.stride(0), TOK_TILE=tok_tile,
-                                BLOCK_C=block_c, BLOCK_P=triton.next_power_of_2(num_parts))
+                                BLOCK_C=block_c,
+                                # exact mode's one part would make a 1-wide block: keep them 2 or wider
+                                BLOCK_P=max(2, triton.next_power_of_2(num_parts)))
 
 
-def griffin_stats_reference_(z, inter, token_slot, token_stat, stat_sq) -> None:
-    """griffin_token_stat (methods/griffin.py), written out: this module must import without pydantic."""
+def griffin_stats_reference_(z, inter, token_slot, token_stat, stat_sq, token_norm_sq=None) -> None:
+    """griffin_token_stat (methods/griffin.py), written out: this module must import without pydantic.
+    token_norm_sq [T] float32: each token's |z|^2 over all ranks' neurons (exact mode), else |z[t, :I]|^2."""
     zf = z[:, :inter].float()
-    contrib = zf.square() / zf.square().sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    norm_sq = zf.square().sum(-1, keepdim=True) if token_norm_sq is None else token_norm_sq[:, None]
+    contrib = zf.square() / norm_sq.clamp_min(torch.finfo(torch.float32).tiny)
     stat_sq.index_add_(0, token_slot, torch.where(token_stat[:, None], contrib, 0.0))

@@ -11,7 +11,10 @@ Programs past the neurons take the R low-rank rows (h_lowrank = x A, zero for de
 GRIFFIN's statistic for prompt tokens needs each token's norm over the whole row: every program
 writes its block's sums of squares into `parts`; the last program to finish (a ticket, as in
 gather_down) adds the statistic of the step's prompt tokens, if any, and resets the ticket. A decode
-step pays one atomic per program for it.
+step pays one atomic per program for it. Under tensor parallelism's exact selection the norm is over all
+ranks' neurons, known only after an all-reduce: given `sumsq`, the last program writes each token's sum of
+squares there instead (this rank's share of the norm), and griffin_stats_ adds the statistic afterwards with
+the all-reduced norms (decode_mlp.caprese_ff_gate_up / caprese_ff_down).
 
     x            [T, H]             T <= MAX_TOKENS
     gate_up_ext  [2I + R, H]
@@ -20,6 +23,8 @@ step pays one atomic per program for it.
     stat_sq      [S, I] float32     updated in place for prompt tokens
     parts        [MAX_TOKENS, >= cdiv(I, BLOCK_N)] float32 scratch, written before it is read
     ticket       [1] int32, zero before and zero again after
+    sumsq        [T] float32, optional: written with each token's sum of squares of z[t, :I] as stored;
+                 token_stat and stat_sq are then not read (None)
     -> z         [T, I + R]
 float32 models (tests, the equivalence check) get full float32 products, as cuBLAS gives them; the
 tensor cores' tf32 would part from the PyTorch path.
@@ -66,10 +71,10 @@ def _x_t_tile(x_cols, t_live, k, H, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _masked_gate_up_kernel(x_ptr, w_ptr, keep_ptr, slot_ptr, dense_ptr, stat_flag_ptr, stat_ptr, parts_ptr,
-                           ticket_ptr, z_ptr, T, H, I, R, stride_x, stride_w, stride_keep, stride_stat, stride_parts,
-                           stride_z, ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                           ticket_ptr, z_ptr, sumsq_ptr, T, H, I, R, stride_x, stride_w, stride_keep, stride_stat,
+                           stride_parts, stride_z, ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
-                           EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+                           EVEN_K: tl.constexpr, PRECISION: tl.constexpr, SUMSQ: tl.constexpr):
     pid = tl.program_id(0)
     num_neuron_tiles = tl.cdiv(I, BLOCK_N)
     t = tl.arange(0, BLOCK_T)
@@ -116,24 +121,31 @@ def _masked_gate_up_kernel(x_ptr, w_ptr, keep_ptr, slot_ptr, dense_ptr, stat_fla
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:
         tl.store(ticket_ptr, 0)
-        is_stat = tl.load(stat_flag_ptr + t, mask=t_live, other=0) != 0
-        if tl.max(is_stat.to(tl.int32), axis=0) != 0:
+        if SUMSQ:
+            # Every token's |z[t, :I]|^2 (this rank's share of exact mode's norm); the statistic comes later.
             p = tl.arange(0, BLOCK_P)
-            c = tl.arange(0, BLOCK_S)
-            for tt in range(0, T):
-                if tl.load(stat_flag_ptr + tt) != 0:
-                    # .cg: read what other programs wrote where it landed (L2), not a stale L1 line.
-                    sumsq = tl.sum(tl.load(parts_ptr + tt * stride_parts + p, mask=p < num_neuron_tiles, other=0.0,
-                                           cache_modifier=".cg"), axis=0)
-                    inv = 1.0 / tl.maximum(sumsq, 1.1754943508222875e-38)
-                    stat_row = stat_ptr + tl.load(slot_ptr + tt) * stride_stat
-                    for c0 in range(0, I, BLOCK_S):
-                        cc = c0 + c
-                        zc = tl.load(z_ptr + tt * stride_z + cc, mask=cc < I, other=0.0,
-                                     cache_modifier=".cg").to(tl.float32)
-                        # The only program writing stat_sq in this launch: no atomics needed.
-                        old = tl.load(stat_row + cc, mask=cc < I, other=0.0)
-                        tl.store(stat_row + cc, old + zc * zc * inv, mask=cc < I)
+            part = tl.load(parts_ptr + t[:, None] * stride_parts + p[None, :],
+                           mask=t_live[:, None] & (p < num_neuron_tiles)[None, :], other=0.0, cache_modifier=".cg")
+            tl.store(sumsq_ptr + t, tl.sum(part, axis=1), mask=t_live)
+        else:
+            is_stat = tl.load(stat_flag_ptr + t, mask=t_live, other=0) != 0
+            if tl.max(is_stat.to(tl.int32), axis=0) != 0:
+                p = tl.arange(0, BLOCK_P)
+                c = tl.arange(0, BLOCK_S)
+                for tt in range(0, T):
+                    if tl.load(stat_flag_ptr + tt) != 0:
+                        # .cg: read what other programs wrote where it landed (L2), not a stale L1 line.
+                        sumsq = tl.sum(tl.load(parts_ptr + tt * stride_parts + p, mask=p < num_neuron_tiles,
+                                               other=0.0, cache_modifier=".cg"), axis=0)
+                        inv = 1.0 / tl.maximum(sumsq, 1.1754943508222875e-38)
+                        stat_row = stat_ptr + tl.load(slot_ptr + tt) * stride_stat
+                        for c0 in range(0, I, BLOCK_S):
+                            cc = c0 + c
+                            zc = tl.load(z_ptr + tt * stride_z + cc, mask=cc < I, other=0.0,
+                                         cache_modifier=".cg").to(tl.float32)
+                            # The only program writing stat_sq in this launch: no atomics needed.
+                            old = tl.load(stat_row + cc, mask=cc < I, other=0.0)
+                            tl.store(stat_row + cc, old + zc * zc * inv, mask=cc < I)
 
 
 def masked_workspace(inter: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,9 +155,10 @@ def masked_workspace(inter: int, device: torch.device) -> tuple[torch.Tensor, to
 
 
 def masked_gate_up(x: torch.Tensor, gate_up_ext: torch.Tensor, inter: int, keep_mask: torch.Tensor,
-                   token_slot: torch.Tensor, token_dense: torch.Tensor, token_stat: torch.Tensor,
-                   stat_sq: torch.Tensor, parts: torch.Tensor, ticket: torch.Tensor, act: str,
-                   config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                   token_slot: torch.Tensor, token_dense: torch.Tensor, token_stat: torch.Tensor | None,
+                   stat_sq: torch.Tensor | None, parts: torch.Tensor, ticket: torch.Tensor, act: str,
+                   config: tuple[int, int, int, int] | None = None,
+                   sumsq: torch.Tensor | None = None) -> torch.Tensor:
     num_tokens, hidden = x.shape
     if num_tokens > MAX_TOKENS:
         raise ValueError(f"masked_gate_up: {num_tokens} tokens, at most {MAX_TOKENS}")
@@ -154,13 +167,18 @@ def masked_gate_up(x: torch.Tensor, gate_up_ext: torch.Tensor, inter: int, keep_
     num_neuron_tiles = triton.cdiv(inter, block_n)
     if parts.shape[1] < num_neuron_tiles:
         raise ValueError(f"masked_gate_up: parts {tuple(parts.shape)} too small for {num_neuron_tiles} tiles")
+    if sumsq is None and (token_stat is None or stat_sq is None):
+        raise ValueError("masked_gate_up: the statistic needs token_stat and stat_sq (or sumsq, for exact mode)")
+    if sumsq is not None:  # the statistic's pointers are not read: any tensor stands in
+        token_stat, stat_sq = token_dense, parts
     z = torch.empty(num_tokens, inter + rank, dtype=x.dtype, device=x.device)
     grid = (num_neuron_tiles + triton.cdiv(rank, block_n),)
     _masked_gate_up_kernel[grid](
-        x, gate_up_ext, keep_mask, token_slot, token_dense, token_stat, stat_sq, parts, ticket, z, num_tokens, hidden,
-        inter, rank, x.stride(0), gate_up_ext.stride(0), keep_mask.stride(0), stat_sq.stride(0), parts.stride(0),
-        z.stride(0), ACT=ACTIVATIONS[act], BLOCK_T=max(16, triton.next_power_of_2(num_tokens)), BLOCK_N=block_n,
-        BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(num_neuron_tiles), BLOCK_S=1024,
-        EVEN_K=hidden % block_k == 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        x, gate_up_ext, keep_mask, token_slot, token_dense, token_stat, stat_sq, parts, ticket, z,
+        parts if sumsq is None else sumsq, num_tokens, hidden, inter, rank, x.stride(0), gate_up_ext.stride(0),
+        keep_mask.stride(0), stat_sq.stride(0), parts.stride(0), z.stride(0), ACT=ACTIVATIONS[act],
+        BLOCK_T=max(16, triton.next_power_of_2(num_tokens)), BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_P=triton.next_power_of_2(num_neuron_tiles), BLOCK_S=1024, EVEN_K=hidden % block_k == 0,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SUMSQ=sumsq is not None,
         num_warps=num_warps, num_stages=num_stages)
     return z
