@@ -151,7 +151,9 @@ def check_architecture(vllm_config) -> None:
 
 
 def resolve_kernels(serve, vllm_config, method: str) -> bool:
-    """Whether the GRIFFIN layers run the Triton kernels; written back as caprese_kernels "on"/"off".
+    """Whether the GRIFFIN layers run the Triton kernels; written back as caprese_kernels "on"/"off". They
+    apply to GRIFFIN on CUDA with unquantized weights, at any -tp (each rank's shard) and with either
+    tensor-parallel selection (exact: layers/caprese_mlp.py).
 
     The write-back is what keeps torch.compile caches apart: vLLM keys its compile cache on the
     config (additional_config included) and on the traced source files, and both paths trace from
@@ -167,11 +169,6 @@ def resolve_kernels(serve, vllm_config, method: str) -> bool:
         why_not = f"they implement GRIFFIN only (the adapter's method is {method})"
     elif vllm_config.model_config.quantization is not None:
         why_not = f"they need unquantized weights (this model is {vllm_config.model_config.quantization})"
-    elif vllm_config.parallel_config.tensor_parallel_size > 1 and serve.tp_selection != "local":
-        # The kernels normalise each token over the rank's own neurons and take a fixed k per rank; exact
-        # selection needs the all-reduced norm and keeps a varying count per rank (engine/tensor_parallel.py).
-        why_not = ("they need a fixed neuron count per rank, which exact tensor-parallel selection does not "
-                   "have (caprese_tp_selection=local runs them)")
     if serve.kernels == "on" and why_not:
         raise ValueError(f"--additional-config caprese_kernels=on: {why_not}; use \"auto\" or \"off\"")
     use = serve.kernels != "off" and why_not is None

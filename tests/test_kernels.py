@@ -490,3 +490,22 @@ def test_tensor_parallel_exact_shards_sum_to_the_masked_formulation(num_tokens):
                                    token_norm_sq, ws.acc, ws.tickets, gather_max)
             torch.testing.assert_close(stat, want_stat[:, q * local:(q + 1) * local], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("num_tokens, gather_max", [(4, 8), (6, 0), (MAX_TOKENS + 6, 0)])   # each route
+def test_exact_mode_ops_declare_their_mutations_and_fake_their_outputs(num_tokens, gather_max):
+    """caprese::fused_ff_gate_up / fused_ff_down as vLLM's torch.compile traces them (opaque, through their fake
+    implementations): the schema names every argument they write, the fakes' shapes and dtypes are the outputs'."""
+    from caprese_vllm.engine import ops  # noqa: F401  (registers torch.ops.caprese.*)
+
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    c = _case(64, 192, 8, num_tokens, dtype=torch.float32, dense_tokens=(0, 2))
+    idx = _sentinel_idx(192, c["k"], _sentinel_counts(c["k"]))
+    ws = decode_workspace(num_tokens, 64, 192, torch.device(DEVICE))
+    args = (c["x"], c["gate_up_ext"], 192, idx, _keep_of(idx, 192), c["slot"], c["dense"], ws.parts, ws.ticket,
+            "silu", gather_max)
+    torch.library.opcheck(torch.ops.caprese.fused_ff_gate_up.default, args, test_utils=checks)
+    z, sumsq = torch.ops.caprese.fused_ff_gate_up(*args)
+    args = (z, c["down_t_ext"], 192, idx, c["slot"], c["dense"], c["dense"], torch.zeros(SLOTS, 192, device=DEVICE),
+            sumsq, ws.acc, ws.tickets, gather_max)
+    torch.library.opcheck(torch.ops.caprese.fused_ff_down.default, args, test_utils=checks)

@@ -22,7 +22,8 @@ from caprese_vllm.cli_flags import translate_argv
 from caprese_vllm.engine import ops  # noqa: F401  (registers torch.ops.caprese.*)
 from caprese_vllm.engine.config import CapreseServeConfig
 from caprese_vllm.engine.install import check_parallelism
-from caprese_vllm.engine.tensor_parallel import GriffinSelector, TensorParallelShard, exact_local_keep
+from caprese_vllm.engine.batch_state import CapreseBatchState
+from caprese_vllm.engine.tensor_parallel import GriffinSelector, TensorParallelShard, exact_local_keep, keep_of_indices
 from caprese_vllm.lowrank import lowrank_forward
 from caprese_vllm.methods import MethodSpec, griffin_k
 from caprese_vllm.methods.griffin import griffin_keep
@@ -202,6 +203,84 @@ def test_exact_selection_keeps_ties_and_nonfinite_defined_across_shards():
         z, torch.ones(4), torch.arange(4), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool),
         torch.zeros(4, 4), idx)
     assert out[0].tolist() == [0, 0, 0, 0] and out[2].tolist() == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_exact_mode_kernel_references_equal_the_portable_op(tp):
+    """CPU, no kernels: what the GPU kernels are tested against in exact mode (tests/test_kernels.py) computes what
+    the portable path does, rank by rank: the gather route's references on neuron_idx rows filled with the
+    sentinel, the masked route's on keep_of_indices' mask, and the statistic divided by the all-reduced token norm
+    (griffin_stats_reference_ with token_norm_sq) equal griffin_sparsify_sharded, then down + the rank's x A B."""
+    from caprese_vllm.kernels.decode_mlp import fuse_weights, masked_route_reference
+    from caprese_vllm.kernels.gather_down import gather_down_reference
+    from caprese_vllm.kernels.gather_gate_up import gather_gate_up_reference
+    from caprese_vllm.kernels.griffin_stats import griffin_stats_reference_
+
+    w = {name: t.float() for name, t in _layer(5).items()}
+    gen = torch.Generator().manual_seed(6)
+    k, local = griffin_k(INTER, DENSITY), INTER // tp
+    shards = [TensorParallelShard(tp, q, "exact") for q in range(tp)]
+    # Two requests' prompts (slots 0, 1) give every rank its statistic; the selection is the engine's.
+    prompts = torch.randn(14, H, generator=gen)
+    prompt_slot = torch.tensor([0] * 9 + [1] * 5)
+    z_all = _z(prompts, w["gate"], w["up"])                                            # [14, I]
+    norm = z_all.square().sum(-1)
+    stats = [torch.zeros(3, local) for _ in shards]                                    # slots 0, 1 + dummy
+    for q, s in enumerate(shards):
+        torch.ops.caprese.griffin_sparsify_sharded(z_all[:, q * local:(q + 1) * local], norm, prompt_slot,
+                                                   torch.ones(14, dtype=torch.bool), torch.ones(14, dtype=torch.bool),
+                                                   stats[q], torch.zeros(3, s.k_capacity(k, INTER), dtype=torch.long))
+    gathered = torch.cat([st[:2] for st in stats], dim=-1)                             # the all-gather
+    neuron_idx = []
+    for s, st in zip(shards, stats):
+        _, idx, _ = GriffinSelector(k, INTER, s, all_gather=lambda t: gathered[None]).select(st[None, :2])
+        neuron_idx.append(torch.cat([idx[0], torch.zeros_like(idx[0, :1])]))          # + slot 2's, unselected
+    assert all(bool((idx[:2] == local).any()) for idx in neuron_idx), "the premise: every rank's rows hold it"
+    # One mixed step: decode tokens of both requests and a new prompt's tokens (dense, feeding slot 2's statistic).
+    x = torch.randn(7, H, generator=gen)
+    token_slot = torch.tensor([0, 1, 2, 2, 2, 1, 0])
+    token_dense = torch.tensor([False, False, True, True, True, False, False])
+    z = _z(x, w["gate"], w["up"])
+    token_norm_sq = z.square().sum(-1)                                                 # the all-reduce
+    for q, s in enumerate(shards):
+        rows = slice(q * local, (q + 1) * local)
+        lowrank_a, lowrank_b = s.shard_lowrank_a(w["lowrank_a"]), s.shard_lowrank_b(w["lowrank_b"])
+        stat_portable, stat_ref = stats[q].clone(), stats[q].clone()
+        zq = torch.ops.caprese.griffin_sparsify_sharded(z[:, rows], token_norm_sq, token_slot, token_dense,
+                                                        token_dense, stat_portable, neuron_idx[q])
+        y_portable = torch.ops.caprese.add_lowrank(zq @ w["down"][:, rows].t(), x, lowrank_a, lowrank_b, token_dense)
+        gate_up_ext, down_t_ext = fuse_weights(torch.cat([w["gate"][rows], w["up"][rows]]), w["down"][:, rows],
+                                               lowrank_a, lowrank_b)
+        # the gather route: a sentinel gives z = 0 and, whatever z holds there, adds nothing
+        z_gather = gather_gate_up_reference(x, gate_up_ext, local, neuron_idx[q], token_slot, token_dense, "silu")
+        width = neuron_idx[q].shape[1]
+        sentinel = (neuron_idx[q][token_slot] == local) & ~token_dense[:, None]            # [T, width]
+        assert bool((z_gather[:, :width][sentinel] == 0).all())
+        z_gather[:, :width][sentinel] = float("nan")
+        y_gather = gather_down_reference(z_gather, down_t_ext, local, neuron_idx[q], token_slot, token_dense)
+        keep = keep_of_indices(neuron_idx[q], local).to(torch.uint8)
+        y_masked = masked_route_reference(x, gate_up_ext, down_t_ext, local, keep, token_slot, token_dense, "silu")
+        torch.testing.assert_close(y_gather, y_portable, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(y_masked, y_portable, rtol=1e-4, atol=1e-5)
+        griffin_stats_reference_(z[:, rows], local, token_slot, token_dense, stat_ref, token_norm_sq)
+        torch.testing.assert_close(stat_ref, stat_portable, rtol=1e-6, atol=1e-7)
+
+
+def test_batch_state_keep_mask_drops_exact_modes_sentinel():
+    """The GPU kernels' masked route reads keep_mask: built from, and restored from, neuron_idx rows that hold the
+    sentinel I/tp (exact mode), it keeps the rank's real neurons only (no out-of-range scatter, no extra neuron)."""
+    shard = TensorParallelShard(2, 1, "exact")
+    k, local = griffin_k(INTER, DENSITY), INTER // 2
+    selector = GriffinSelector(k, INTER, shard, all_gather=lambda t: torch.cat([t, t], dim=-1))
+    state = CapreseBatchState(max_slots=2, max_tokens=4, device="cpu", griffin_layers=1, intermediate_size=local,
+                              griffin_k=selector.width, selector=selector)
+    row = torch.tensor([1, 5, 7] + [local] * (selector.width - 3))
+    state.neuron_idx[0, 0] = row
+    keep = state.enable_keep_mask()                                   # [1, slots + 1, I/tp] uint8
+    assert keep.shape == (1, 3, local) and torch.nonzero(keep[0, 0]).flatten().tolist() == [1, 5, 7]
+    state.saved_selection["r"] = torch.stack([row.flip(0)]).to(torch.int32)   # preempted, then resumed in slot 1
+    state._restore_selection("r", 1)
+    assert torch.nonzero(keep[0, 1]).flatten().tolist() == [1, 5, 7]
 
 
 @pytest.mark.parametrize("rank, tp", [(7, 2), (8, 2), (5, 4), (1, 2)])

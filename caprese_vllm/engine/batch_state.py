@@ -28,7 +28,7 @@ import torch
 
 from caprese_vllm.engine.nonfinite import NonfiniteMonitor
 from caprese_vllm.engine.step_info import StepInfo
-from caprese_vllm.engine.tensor_parallel import GriffinSelector
+from caprese_vllm.engine.tensor_parallel import GriffinSelector, keep_of_indices
 
 
 class GriffinLayerState:
@@ -101,12 +101,8 @@ class CapreseBatchState:
         return state
 
     def enable_keep_mask(self) -> torch.Tensor:
-        if self.selector.fill is not None:  # the kernels take a fixed k per row (install.py routes around them)
-            raise RuntimeError("caprese: the GPU kernels' keep mask needs a fixed neuron count per rank, which "
-                               "exact tensor-parallel selection does not have")
-        if self.keep_mask is None:
-            self.keep_mask = torch.zeros(self.stat_sq.shape, dtype=torch.uint8, device=self.device)
-            self.keep_mask.scatter_(2, self.neuron_idx, 1)
+        if self.keep_mask is None:  # exact tensor-parallel mode's sentinel in neuron_idx keeps nothing
+            self.keep_mask = keep_of_indices(self.neuron_idx, self.stat_sq.shape[2]).to(torch.uint8)
         return self.keep_mask
 
     def decode_workspace(self, gather_tokens: int, hidden: int):
@@ -192,8 +188,7 @@ class CapreseBatchState:
         idx = saved.to(self.device, torch.int64)                                    # [L, k]
         self.neuron_idx[:, slot] = idx
         if self.keep_mask is not None:
-            self.keep_mask[:, slot] = 0
-            self.keep_mask[:, slot].scatter_(1, idx, 1)
+            self.keep_mask[:, slot] = keep_of_indices(idx, self.keep_mask.shape[2]).to(torch.uint8)
         self.selected[slot] = True
 
     def _select(self, slots: torch.Tensor, req_ids: list[str]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from caprese_vllm.engine.tensor_parallel import keep_of_indices
 from caprese_vllm.methods import cats_keep_mask, griffin_token_stat
 
 
@@ -47,10 +48,8 @@ def griffin_sparsify_sharded(z: torch.Tensor, token_norm_sq: torch.Tensor, token
     keep column that is dropped, so a rank may keep any number of neurons, none included."""
     contrib = torch.where(token_stat.unsqueeze(-1), griffin_token_stat(z, token_norm_sq), 0.0)   # [T, I/tp]
     stat_sq.index_add_(0, token_slot, contrib)
-    num_tokens, local = z.shape
-    keep = torch.zeros(num_tokens, local + 1, dtype=torch.bool, device=z.device)
-    keep.scatter_(1, neuron_idx.index_select(0, token_slot), True)    # [T, I/tp + 1], the sentinel last
-    keep = keep[:, :local] | token_dense.unsqueeze(-1)
+    keep = keep_of_indices(neuron_idx.index_select(0, token_slot), z.shape[1])   # [T, I/tp], the sentinel dropped
+    keep |= token_dense.unsqueeze(-1)
     return torch.where(keep, z, 0.0)
 
 
@@ -125,3 +124,47 @@ def fused_ff(x: torch.Tensor, gate_up_ext: torch.Tensor, down_t_ext: torch.Tenso
 def _(x, gate_up_ext, down_t_ext, inter, neuron_idx, keep_mask, token_slot, token_dense, token_stat, stat_sq, acc,
       tickets, parts, ticket, act, gather_max_tokens):
     return x.new_empty(x.shape[0], down_t_ext.shape[1])
+
+
+# Tensor parallelism's exact selection: fused_ff in two halves, the all-reduce of each token's squared norm between
+# them in CapreseMLP.forward (vLLM's registered all-reduce op, outside these opaque ops: compile and CUDA graphs
+# see it as they see the dense model's).
+
+@torch.library.custom_op("caprese::fused_ff_gate_up", mutates_args=("parts", "ticket"))
+def fused_ff_gate_up(x: torch.Tensor, gate_up_ext: torch.Tensor, inter: int, neuron_idx: torch.Tensor,
+                     keep_mask: torch.Tensor, token_slot: torch.Tensor, token_dense: torch.Tensor,
+                     parts: torch.Tensor, ticket: torch.Tensor, act: str,
+                     gather_max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPU, exact mode, first half: (z [T, I/tp + R], sumsq [T] float32: each dense token's sum of squares over this
+    rank's neurons) (kernels/decode_mlp.py caprese_ff_gate_up). neuron_idx [slots, k_capacity] may hold the
+    sentinel I/tp past the rank's count. parts, ticket: the DecodeWorkspace's masked_gate_up scratch."""
+    from caprese_vllm.kernels.decode_mlp import caprese_ff_gate_up
+
+    return caprese_ff_gate_up(x, gate_up_ext, inter, neuron_idx, keep_mask, token_slot, token_dense, parts, ticket,
+                              act, gather_max_tokens)
+
+
+@fused_ff_gate_up.register_fake
+def _(x, gate_up_ext, inter, neuron_idx, keep_mask, token_slot, token_dense, parts, ticket, act, gather_max_tokens):
+    rank = gate_up_ext.shape[0] - 2 * inter
+    return x.new_empty(x.shape[0], inter + rank), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("caprese::fused_ff_down", mutates_args=("stat_sq", "acc", "tickets"))
+def fused_ff_down(z: torch.Tensor, down_t_ext: torch.Tensor, inter: int, neuron_idx: torch.Tensor,
+                  token_slot: torch.Tensor, token_dense: torch.Tensor, token_stat: torch.Tensor, stat_sq: torch.Tensor,
+                  token_norm_sq: torch.Tensor, acc: torch.Tensor, tickets: torch.Tensor,
+                  gather_max_tokens: int) -> torch.Tensor:
+    """GPU, exact mode, second half: stat_sq [slots, I/tp] += each prompt token's z^2 / token_norm_sq (token_norm_sq
+    [T] float32: fused_ff_gate_up's sumsq all-reduced over the ranks, as griffin_sparsify_sharded takes it), and
+    this rank's partial y [T, H] (kernels/decode_mlp.py caprese_ff_down). acc, tickets: gather_down's scratch."""
+    from caprese_vllm.kernels.decode_mlp import caprese_ff_down
+
+    return caprese_ff_down(z, down_t_ext, inter, neuron_idx, token_slot, token_dense, token_stat, stat_sq,
+                           token_norm_sq, acc, tickets, gather_max_tokens)
+
+
+@fused_ff_down.register_fake
+def _(z, down_t_ext, inter, neuron_idx, token_slot, token_dense, token_stat, stat_sq, token_norm_sq, acc, tickets,
+      gather_max_tokens):
+    return z.new_empty(z.shape[0], down_t_ext.shape[1])

@@ -81,6 +81,14 @@ class TensorParallelShard:
             return self.local_k(k)
         return min(k, self.local_intermediate(intermediate_size))
 
+    def mean_k(self, k: int) -> int:
+        """The neurons a decode token reads on this rank, at most (TP=1, local mode: its fixed count) or on
+        average, rounded up (exact mode: ceil(k / tp); a request's count on a rank varies, the rest of its row is
+        the sentinel, which the gather kernels skip). Sets where gathering stops paying (CapreseMLP)."""
+        if not self.sharded:
+            return k
+        return self.local_k(k) if self.selection == "local" else -(-k // self.tp_size)
+
     def neuron_fill(self, intermediate_size: int) -> int | None:
         """exact mode: the sentinel index that fills neuron_idx rows past this rank's count (= I/tp, masked
         out by griffin_sparsify_sharded); None where every row holds k_capacity real neurons."""

@@ -21,7 +21,10 @@ called by vLLM's post-loading pass through `quant_method`) the gate/up and down 
 neuron-major buffers that also hold the low-rank rows, and `caprese::fused_ff` runs the cheaper
 route per step (kernels/decode_mlp.py): each token gathers its own rows while the step has at most
 I // (k + R) tokens (batch-1 decode at density 0.5); above, every row is read once and the
-unselected neurons are masked (one gate/up kernel for decode batches, cuBLAS for prefill).
+unselected neurons are masked (one gate/up kernel for decode batches, cuBLAS for prefill). Under -tp N
+they run on this rank's shard, with either selection: exact mode splits the op in two around the
+all-reduce of each token's squared norm (`fused_ff_gate_up`, `fused_ff_down`), so the statistic is
+normalised over all I neurons, and its neuron_idx rows' sentinel (past the rank's count) is skipped.
 """
 
 from __future__ import annotations
@@ -95,9 +98,12 @@ class CapreseMLP(nn.Module):
         self.intermediate_size = shard.local_intermediate(intermediate_size)
         self.batch = batch_state
         self.griffin: GriffinLayerState | None = None
+        reads = 0  # the neurons a decode token reads on this rank (TensorParallelShard.mean_k)
         if method.name == "griffin":
-            width = shard.k_capacity(griffin_k(intermediate_size, method.density), intermediate_size)
-            self.griffin = batch_state.add_griffin_layer(self.intermediate_size, width, layer_idx)
+            k = griffin_k(intermediate_size, method.density)
+            self.griffin = batch_state.add_griffin_layer(self.intermediate_size,
+                                                         shard.k_capacity(k, intermediate_size), layer_idx)
+            reads = max(1, shard.mean_k(k))
         self.threshold = float(method.thresholds[layer_idx]) if method.name == "cats" else 0.0
         self.lowrank_a = self.lowrank_b = None
         local_rank = shard.local_rank(rank) if rank else 0
@@ -118,10 +124,10 @@ class CapreseMLP(nn.Module):
         self.reduce_output = shard.sharded and getattr(self.down_proj, "reduce_results", True)
         self.quant_method = _AfterLoading()
         self.use_kernels = use_kernels and self.griffin is not None
-        # Gathering reads T * (k + R) weight rows, the masked dense GEMMs I + R: gather while cheaper.
-        self.gather_max_tokens = 0
-        if self.griffin is not None:
-            self.gather_max_tokens = max(1, self.intermediate_size // (self.griffin.k + local_rank))
+        # Gathering reads T * (k + R) weight rows, the masked dense GEMMs I + R: gather while cheaper (exact mode:
+        # k a rank's mean share; its neuron_idx rows are wider, filled with a sentinel the kernels skip).
+        self.reads = reads
+        self.gather_max_tokens = max(1, self.intermediate_size // (reads + local_rank)) if reads else 0
         # GPU layout (build_gpu_layout): gate_up_ext [2I + R, H], down_t_ext [I + R, H]
         self.gate_up_ext: torch.Tensor | None = None
         self.down_t_ext: torch.Tensor | None = None
@@ -147,7 +153,7 @@ class CapreseMLP(nn.Module):
         down.data = self.down_t_ext[: two_i // 2].t()
         self.griffin.enable_keep_mask()
         # Sized for the model's largest gather_max_tokens (I // k), so all layers share one.
-        self.workspace = self.batch.decode_workspace(self.intermediate_size // self.griffin.k, weight.shape[1])
+        self.workspace = self.batch.decode_workspace(self.intermediate_size // self.reads, weight.shape[1])
         if self.layer_idx == 0:
             logger.info("caprese: GPU kernels on: each token gathers its neurons' rows in steps of up to %d "
                         "tokens, one masked gate/up kernel up to %d, masked dense GEMMs above",
@@ -161,12 +167,24 @@ class CapreseMLP(nn.Module):
         num_tokens = x.shape[0]
         batch = self.batch
         if self.gate_up_ext is not None:
-            # Under TP (local selection only: install.py) the kernels compute this rank's partial sum.
-            y = torch.ops.caprese.fused_ff(
-                x, self.gate_up_ext, self.down_t_ext, self.intermediate_size, self.griffin.neuron_idx,
-                self.griffin.keep_mask, batch.token_slot[:num_tokens], batch.token_dense[:num_tokens],
-                batch.token_stat[:num_tokens], self.griffin.stat_sq, *self.workspace, self.act,
-                self.gather_max_tokens)
+            # Under TP the kernels compute this rank's partial sum.
+            g, ws = self.griffin, self.workspace
+            token_slot, token_dense = batch.token_slot[:num_tokens], batch.token_dense[:num_tokens]
+            if self.shard.exact:
+                # Two halves around the all-reduce of each token's squared norm (vLLM's op, kept out of ours): the
+                # statistic normalises over all I neurons, as at TP=1.
+                z, sumsq = torch.ops.caprese.fused_ff_gate_up(
+                    x, self.gate_up_ext, self.intermediate_size, g.neuron_idx, g.keep_mask, token_slot, token_dense,
+                    ws.parts, ws.ticket, self.act, self.gather_max_tokens)          # [T, I/tp + R], [T] float32
+                y = torch.ops.caprese.fused_ff_down(
+                    z, self.down_t_ext, self.intermediate_size, g.neuron_idx, token_slot, token_dense,
+                    batch.token_stat[:num_tokens], g.stat_sq, tensor_model_parallel_all_reduce(sumsq), ws.acc,
+                    ws.tickets, self.gather_max_tokens)
+            else:
+                y = torch.ops.caprese.fused_ff(
+                    x, self.gate_up_ext, self.down_t_ext, self.intermediate_size, g.neuron_idx, g.keep_mask,
+                    token_slot, token_dense, batch.token_stat[:num_tokens], g.stat_sq, *ws, self.act,
+                    self.gather_max_tokens)
             return tensor_model_parallel_all_reduce(y) if self.reduce_output else y
         token_dense = batch.token_dense[:num_tokens]
         gate_up, _ = self.gate_up_proj(x)                 # [T, 2I/tp]
