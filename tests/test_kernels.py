@@ -365,7 +365,7 @@ def test_gather_gate_up_skips_exact_modes_sentinel_and_sums_dense_tokens_squares
     idx = _sentinel_idx(inter, c["k"], _sentinel_counts(c["k"]))
     args = (c["x"], c["gate_up_ext"], inter, idx, slot, c["dense"], act)
     sumsq = torch.zeros(num_tokens, device=DEVICE)
-    z = gather_gate_up(*args, sumsq=sumsq)
+    z = gather_gate_up(*args, sumsq=sumsq, sentinel=True)
     got, want = z.float(), gather_gate_up_reference(*args)
     for t in range(num_tokens):
         n = inter if c["dense"][t] else c["k"] + rank
@@ -394,7 +394,7 @@ def test_gather_down_skips_exact_modes_sentinel(hidden, inter, rank, act, num_to
     want = gather_down_reference(*args)
     assert bool(torch.isfinite(want).all())
     for _ in range(2):
-        got = gather_down(*args, no_stat, torch.zeros(SLOTS, inter, device=DEVICE), acc, tickets)
+        got = gather_down(*args, no_stat, torch.zeros(SLOTS, inter, device=DEVICE), acc, tickets, sentinel=True)
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=3e-2)
     assert not acc.any() and not tickets.any(), "gather_down must leave its workspace at zero"
 

@@ -81,7 +81,9 @@ def caprese_ff_gate_up(x: torch.Tensor, gate_up_ext: torch.Tensor, inter: int, n
     num_tokens = x.shape[0]
     if num_tokens <= gather_max_tokens:
         sumsq = torch.zeros(num_tokens, dtype=torch.float32, device=x.device)
-        return gather_gate_up(x, gate_up_ext, inter, neuron_idx, token_slot, token_dense, act, sumsq=sumsq), sumsq
+        z = gather_gate_up(x, gate_up_ext, inter, neuron_idx, token_slot, token_dense, act, sumsq=sumsq,
+                           sentinel=True)
+        return z, sumsq
     if num_tokens <= MASKED_GATE_UP_MAX_TOKENS:
         sumsq = torch.empty(num_tokens, dtype=torch.float32, device=x.device)
         z = masked_gate_up(x, gate_up_ext, inter, keep_mask, token_slot, token_dense, None, None, parts, ticket,
@@ -103,7 +105,7 @@ def caprese_ff_down(z: torch.Tensor, down_t_ext: torch.Tensor, inter: int, neuro
     num_tokens = z.shape[0]
     if num_tokens <= gather_max_tokens:
         return gather_down(z, down_t_ext, inter, neuron_idx, token_slot, token_dense, token_stat, stat_sq, acc,
-                           tickets, token_norm_sq=token_norm_sq)
+                           tickets, token_norm_sq=token_norm_sq, sentinel=True)
     griffin_stats_(z, inter, token_slot, token_stat, stat_sq, token_norm_sq[:, None])
     return z @ down_t_ext
 

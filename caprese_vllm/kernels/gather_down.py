@@ -30,7 +30,7 @@ import triton.language as tl
 def _gather_down_kernel(z_ptr, w_ptr, idx_ptr, slot_ptr, dense_ptr, stat_flag_ptr, stat_ptr, norm_ptr, acc_ptr,
                         ticket_ptr, y_ptr, H, I, K, R, stride_z, stride_w, stride_idx, stride_stat, stride_acc,
                         stride_y, SPLIT, NUM_HB, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
-                        HAS_NORM: tl.constexpr):
+                        HAS_NORM: tl.constexpr, SENTINEL: tl.constexpr):
     t = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -52,7 +52,10 @@ def _gather_down_kernel(z_ptr, w_ptr, idx_ptr, slot_ptr, dense_ptr, stat_flag_pt
         is_neuron = v < count
         table = tl.load(idx_ptr + slot * stride_idx + v, mask=live & is_neuron & (v < K), other=0)
         row = tl.where(is_neuron, tl.where(dense, v, table), I + (v - count)).to(tl.int64)
-        real = live & ((v >= count) | (row < I))      # a sentinel (>= I) is no neuron: nothing loaded
+        if SENTINEL:  # exact TP selection only: a sentinel (>= I) is no neuron, nothing loaded
+            real = live & ((v >= count) | (row < I))
+        else:
+            real = live
         zv = tl.load(z_ptr + t * stride_z + v, mask=real, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + row[:, None] * stride_w + hh[None, :], mask=real[:, None] & hmask[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * zv[:, None], axis=0)
@@ -96,7 +99,8 @@ def gather_workspace(max_tokens: int, hidden: int, device: torch.device) -> tupl
 def gather_down(z: torch.Tensor, down_t_ext: torch.Tensor, inter: int, neuron_idx: torch.Tensor,
                 token_slot: torch.Tensor, token_dense: torch.Tensor, token_stat: torch.Tensor, stat_sq: torch.Tensor,
                 acc: torch.Tensor, tickets: torch.Tensor, split: int = 64, block_n: int = 64, block_h: int = 256,
-                num_warps: int = 2, token_norm_sq: torch.Tensor | None = None) -> torch.Tensor:
+                num_warps: int = 2, token_norm_sq: torch.Tensor | None = None, sentinel: bool = False) -> torch.Tensor:
+    """sentinel: neuron_idx may hold entries >= inter (exact TP selection's fill), to be skipped."""
     num_tokens = z.shape[0]
     hidden = down_t_ext.shape[1]
     rank, k = down_t_ext.shape[0] - inter, neuron_idx.shape[1]
@@ -110,7 +114,8 @@ def gather_down(z: torch.Tensor, down_t_ext: torch.Tensor, inter: int, neuron_id
         z, down_t_ext, neuron_idx, token_slot, token_dense, token_stat, stat_sq,
         stat_sq if token_norm_sq is None else token_norm_sq, acc, tickets, y, hidden, inter, k, rank, z.stride(0),
         down_t_ext.stride(0), neuron_idx.stride(0), stat_sq.stride(0), acc.stride(0), y.stride(0), split, num_hb,
-        BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_S=1024, HAS_NORM=token_norm_sq is not None, num_warps=num_warps)
+        BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_S=1024, HAS_NORM=token_norm_sq is not None, SENTINEL=sentinel,
+        num_warps=num_warps)
     return y
 
 

@@ -37,7 +37,8 @@ def apply_act(g, ACT: tl.constexpr):
 @triton.jit
 def _gather_gate_up_kernel(x_ptr, w_ptr, idx_ptr, slot_ptr, dense_ptr, z_ptr, sumsq_ptr,
                            H, I, K, R, stride_x, stride_w, stride_idx, stride_z,
-                           ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, SUMSQ: tl.constexpr):
+                           ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, SUMSQ: tl.constexpr,
+                           SENTINEL: tl.constexpr):
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     dense = tl.load(dense_ptr + t) != 0
@@ -51,12 +52,16 @@ def _gather_gate_up_kernel(x_ptr, w_ptr, idx_ptr, slot_ptr, dense_ptr, z_ptr, su
     is_neuron = v < count
     table = tl.load(idx_ptr + slot * stride_idx + v, mask=live & is_neuron & (v < K), other=0)
     neuron = tl.where(dense, v, table).to(tl.int64)
-    # A sentinel entry (>= I) reads no row and gives z = 0.
-    real = live & ((v >= count) | (neuron < I))
     zrow = z_ptr + t * stride_z
-    if tl.max(real.to(tl.int32), axis=0) == 0:     # only sentinels (exact mode: past the rank's count)
-        tl.store(zrow + v, tl.zeros([BLOCK_N], dtype=z_ptr.dtype.element_ty), mask=live)
-        return
+    if SENTINEL:
+        # A sentinel entry (>= I) reads no row and gives z = 0. Compiled in for exact TP selection only: at TP=1
+        # and in local mode every entry is a neuron, and the kernel stays the one the H200 results were measured on.
+        real = live & ((v >= count) | (neuron < I))
+        if tl.max(real.to(tl.int32), axis=0) == 0:     # only sentinels (past the rank's count)
+            tl.store(zrow + v, tl.zeros([BLOCK_N], dtype=z_ptr.dtype.element_ty), mask=live)
+            return
+    else:
+        real = live
     gate_row = tl.where(is_neuron, neuron, 2 * I + (v - count)).to(tl.int64)
     up_row = neuron + I
     acc_gate = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -73,7 +78,9 @@ def _gather_gate_up_kernel(x_ptr, w_ptr, idx_ptr, slot_ptr, dense_ptr, z_ptr, su
                     mask=(real & is_neuron)[:, None] & hmask[None, :], other=0.0)
         acc_up += tl.sum(u.to(tl.float32) * xv[None, :], axis=1)
     z = tl.where(is_neuron, apply_act(acc_gate, ACT) * acc_up, acc_gate)
-    z = tl.where(real, z, 0.0).to(z_ptr.dtype.element_ty)
+    if SENTINEL:
+        z = tl.where(real, z, 0.0)
+    z = z.to(z_ptr.dtype.element_ty)
     tl.store(zrow + v, z, mask=live)
     if SUMSQ:
         if dense:
@@ -83,7 +90,9 @@ def _gather_gate_up_kernel(x_ptr, w_ptr, idx_ptr, slot_ptr, dense_ptr, z_ptr, su
 
 def gather_gate_up(x: torch.Tensor, gate_up_ext: torch.Tensor, inter: int, neuron_idx: torch.Tensor,
                    token_slot: torch.Tensor, token_dense: torch.Tensor, act: str, block_n: int = 4,
-                   block_h: int = 256, num_warps: int = 4, sumsq: torch.Tensor | None = None) -> torch.Tensor:
+                   block_h: int = 256, num_warps: int = 4, sumsq: torch.Tensor | None = None,
+                   sentinel: bool = False) -> torch.Tensor:
+    """sentinel: neuron_idx may hold entries >= inter (exact TP selection's fill), to be skipped."""
     num_tokens, hidden = x.shape
     rank, k = gate_up_ext.shape[0] - 2 * inter, neuron_idx.shape[1]
     z = torch.empty(num_tokens, inter + rank, dtype=x.dtype, device=x.device)
@@ -91,7 +100,8 @@ def gather_gate_up(x: torch.Tensor, gate_up_ext: torch.Tensor, inter: int, neuro
     _gather_gate_up_kernel[grid](
         x, gate_up_ext, neuron_idx, token_slot, token_dense, z, z if sumsq is None else sumsq, hidden, inter, k,
         rank, x.stride(0), gate_up_ext.stride(0), neuron_idx.stride(0), z.stride(0), ACT=ACTIVATIONS[act],
-        BLOCK_N=block_n, BLOCK_H=block_h, SUMSQ=sumsq is not None, num_warps=num_warps)
+        BLOCK_N=block_n, BLOCK_H=block_h, SUMSQ=sumsq is not None, SENTINEL=sentinel,
+        num_warps=num_warps)
     return z
 
 
