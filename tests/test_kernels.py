@@ -209,6 +209,42 @@ def test_non_finite_tokens_stay_in_their_own_row_and_slot(num_tokens):
         assert not bool(torch.isfinite(stat[1][3]).all()), "the premise: slot 3's statistic is non-finite"
 
 
+@pytest.mark.parametrize("num_tokens, gather_max", [(4, 4), (4, 0), (12, 0), (MAX_TOKENS + 4, 0)])  # each route
+def test_a_prompt_tokens_nan_norm_makes_its_whole_statistic_row_nan_as_the_reference(num_tokens, gather_max):
+    """A prompt token with one NaN activation (an overflowed neuron: gate -Inf, silu gives NaN) has a NaN norm, so
+    griffin_accumulate (griffin_stats_reference_) adds z^2 / NaN = NaN to every neuron of its slot. The kernels must
+    keep that NaN: a NaN-dropping max(norm, tiny) made it the smallest normal float, every finite z^2 some 1e35 and
+    ranked first, a selection the reference never makes. At TP=1 (the NaN among the token's own neurons) and in exact
+    mode (the NaN on another rank: the all-reduced norm is NaN, this rank's activations all finite)."""
+    hidden, inter, rank, act = SHAPES[0]
+    c = _case(hidden, inter, rank, num_tokens, dtype=torch.float32, dense_tokens=(0, 3))
+    c["slot"] = torch.tensor([0, 1, 2, 3] + [4] * (num_tokens - 4), device=DEVICE)
+    ws = decode_workspace(num_tokens, hidden, inter, torch.device(DEVICE))
+    # TP=1: neuron 5's gate is -Inf for every token (x[:, 0] > 0), its activation NaN, the other neurons finite
+    x = c["x"].clone()
+    x[:, 0] = x[:, 0].abs() + 0.5
+    gate_up_ext = c["gate_up_ext"].clone()
+    gate_up_ext[5] = 0.0
+    gate_up_ext[5, 0] = float("-inf")
+    stat = torch.zeros(SLOTS, inter, device=DEVICE)
+    caprese_ff(x, gate_up_ext, c["down_t_ext"], inter, c["idx"], c["keep"], c["slot"], c["dense"], c["dense"], stat,
+               ws, act, gather_max)
+    assert bool(stat[[0, 3]].isnan().all()), f"finite entries where the reference has NaN: {stat[[0, 3]]}"
+    assert not stat[[1, 2, 4]].any(), "no prompt token there"
+    # exact mode: this rank's activations finite; token 3's norm NaN from another rank's share, token 0's finite
+    z, sumsq = caprese_ff_gate_up(c["x"], c["gate_up_ext"], inter, c["idx"], c["keep"], c["slot"], c["dense"],
+                                  ws.parts, ws.ticket, act, gather_max)
+    assert bool(torch.isfinite(z[c["dense"], :inter]).all()), "the premise"
+    token_norm_sq = sumsq + torch.where(torch.arange(num_tokens, device=DEVICE) == 3, float("nan"), 1.0)
+    stat = torch.zeros(SLOTS, inter, device=DEVICE)
+    caprese_ff_down(z, c["down_t_ext"], inter, c["idx"], c["slot"], c["dense"], c["dense"], stat, token_norm_sq,
+                    ws.acc, ws.tickets, gather_max)
+    want = torch.zeros(SLOTS, inter, device=DEVICE)
+    griffin_stats_reference_(z, inter, c["slot"], c["dense"], want, token_norm_sq)
+    assert bool(want[3].isnan().all())
+    torch.testing.assert_close(stat, want, rtol=1e-4, atol=1e-6, equal_nan=True)
+
+
 @pytest.mark.parametrize("hidden, inter, rank, act", SHAPES[:2])
 @pytest.mark.parametrize("num_tokens", [6, MAX_TOKENS + 6])  # masked_gate_up / cuBLAS and act_mul_mask
 def test_both_routes_equal_the_masked_dense_formulation(hidden, inter, rank, act, num_tokens):

@@ -72,7 +72,8 @@ def _gather_down_kernel(z_ptr, w_ptr, idx_ptr, slot_ptr, dense_ptr, stat_flag_pt
                 zc = tl.load(z_ptr + t * stride_z + c, mask=c < I, other=0.0).to(tl.float32)
                 sumsq += zc * zc
             norm_sq = tl.sum(sumsq, axis=0)
-        inv = 1.0 / tl.maximum(norm_sq, 1.1754943508222875e-38)
+        # A NaN norm stays NaN (z^2 / NaN, as griffin_accumulate): the default max would return the smallest normal.
+        inv = 1.0 / tl.maximum(norm_sq, 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
         for c0 in range(lo, hi, BLOCK_S):
             c = c0 + tl.arange(0, BLOCK_S)
             zc = tl.load(z_ptr + t * stride_z + c, mask=c < hi, other=0.0).to(tl.float32)

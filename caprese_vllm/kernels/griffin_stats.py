@@ -36,7 +36,9 @@ def _griffin_stats_kernel(z_ptr, parts_ptr, slot_ptr, stat_flag_ptr, stat_ptr, T
     p = tl.arange(0, BLOCK_P)
     parts = tl.load(parts_ptr + t[:, None] * stride_parts + p[None, :], mask=flag[:, None] & (p[None, :] < P),
                     other=0.0)
-    inv = tl.where(flag, 1.0 / tl.maximum(tl.sum(parts, axis=1), 1.1754943508222875e-38), 0.0)
+    # NaN-propagating max: a NaN norm gives NaN everywhere (as griffin_accumulate), not 1 / tiny (~1e38).
+    norm_sq = tl.maximum(tl.sum(parts, axis=1), 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
+    inv = tl.where(flag, 1.0 / norm_sq, 0.0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < I
     zt = tl.load(z_ptr + t[:, None] * stride_z + c[None, :], mask=flag[:, None] & cmask[None, :], other=0.0)

@@ -137,7 +137,8 @@ def _masked_gate_up_kernel(x_ptr, w_ptr, keep_ptr, slot_ptr, dense_ptr, stat_fla
                         # .cg: read what other programs wrote where it landed (L2), not a stale L1 line.
                         sumsq = tl.sum(tl.load(parts_ptr + tt * stride_parts + p, mask=p < num_neuron_tiles,
                                                other=0.0, cache_modifier=".cg"), axis=0)
-                        inv = 1.0 / tl.maximum(sumsq, 1.1754943508222875e-38)
+                        # NaN-propagating: a NaN norm must give NaN, as griffin_accumulate (not 1 / tiny).
+                        inv = 1.0 / tl.maximum(sumsq, 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
                         stat_row = stat_ptr + tl.load(slot_ptr + tt) * stride_stat
                         for c0 in range(0, I, BLOCK_S):
                             cc = c0 + c
