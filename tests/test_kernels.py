@@ -484,7 +484,8 @@ def test_tensor_parallel_exact_shards_sum_to_the_masked_formulation(num_tokens):
     then caprese_ff_down; rank q's neuron_idx rows hold its share of a global top-k (differing per slot and rank,
     none at all on one), filled with the sentinel. The partial outputs sum to the dense FF with the global
     selection kept + x A B, and each rank's statistic is TP=1's for its neurons (normalised over all I)."""
-    from caprese_vllm.engine.tensor_parallel import TensorParallelShard, keep_of_indices
+    from caprese_vllm.engine.tensor_parallel import TensorParallelShard
+    from caprese_vllm.methods.griffin import keep_of_indices
     from caprese_vllm.methods.griffin import griffin_indices
 
     hidden, inter, rank, act, tp = 64, 192, 9, "silu", 2

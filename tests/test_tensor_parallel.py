@@ -23,7 +23,8 @@ from caprese_vllm.engine import ops  # noqa: F401  (registers torch.ops.caprese.
 from caprese_vllm.engine.config import CapreseServeConfig
 from caprese_vllm.engine.install import check_parallelism
 from caprese_vllm.engine.batch_state import CapreseBatchState
-from caprese_vllm.engine.tensor_parallel import GriffinSelector, TensorParallelShard, exact_local_keep, keep_of_indices
+from caprese_vllm.engine.tensor_parallel import GriffinSelector, TensorParallelShard, exact_local_keep
+from caprese_vllm.methods.griffin import keep_of_indices
 from caprese_vllm.lowrank import lowrank_forward
 from caprese_vllm.methods import MethodSpec, griffin_k
 from caprese_vllm.methods.griffin import griffin_keep

@@ -28,7 +28,8 @@ import torch
 
 from caprese_vllm.engine.nonfinite import NonfiniteMonitor
 from caprese_vllm.engine.step_info import StepInfo
-from caprese_vllm.engine.tensor_parallel import GriffinSelector, keep_of_indices
+from caprese_vllm.engine.tensor_parallel import GriffinSelector
+from caprese_vllm.methods.griffin import keep_of_indices
 
 
 class GriffinLayerState:

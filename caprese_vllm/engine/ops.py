@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from caprese_vllm.engine.tensor_parallel import keep_of_indices
-from caprese_vllm.methods import cats_keep_mask, griffin_token_stat
+from caprese_vllm.methods import cats_keep_mask, griffin_token_stat, keep_of_indices
 
 
 @torch.library.custom_op("caprese::griffin_sparsify", mutates_args=("stat_sq",))

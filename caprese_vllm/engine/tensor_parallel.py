@@ -129,14 +129,6 @@ def exact_local_indices(stat_sq_global: torch.Tensor, k: int, shard: TensorParal
     return keep, idx
 
 
-def keep_of_indices(neuron_idx: torch.Tensor, intermediate_size: int) -> torch.Tensor:
-    """keep [..., I] bool of neuron_idx [..., k] rows over I neurons (I/tp on a rank): exact mode's sentinel I
-    (neuron_fill) keeps nothing, wherever it stands in a row."""
-    keep = torch.zeros(*neuron_idx.shape[:-1], intermediate_size + 1, dtype=torch.bool, device=neuron_idx.device)
-    keep.scatter_(-1, neuron_idx, True)              # the sentinel lands in the last column, dropped
-    return keep[..., :intermediate_size]
-
-
 NO_TENSOR_PARALLEL = TensorParallelShard()
 
 

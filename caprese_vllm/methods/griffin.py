@@ -102,6 +102,15 @@ def griffin_indices(keep: torch.Tensor, k: int, fill: int | None = None) -> torc
     return idx.scatter_(-1, place, neurons)[..., :k]
 
 
+def keep_of_indices(neuron_idx: torch.Tensor, intermediate_size: int) -> torch.Tensor:
+    """keep [..., I] bool of neuron_idx [..., k] rows over I neurons (I/tp on a tensor-parallel rank): the inverse
+    of griffin_indices. An index I (tensor parallelism's exact-mode sentinel, griffin_indices' `fill`;
+    engine/tensor_parallel.py) keeps nothing, wherever it stands in a row."""
+    keep = torch.zeros(*neuron_idx.shape[:-1], intermediate_size + 1, dtype=torch.bool, device=neuron_idx.device)
+    keep.scatter_(-1, neuron_idx, True)              # the sentinel lands in the last column, dropped
+    return keep[..., :intermediate_size]
+
+
 def griffin_select(stat_sq: torch.Tensor, k: int) -> torch.Tensor:
     """neuron_idx [..., k] int64: the k neurons with the largest statistic, ascending (ties: griffin_keep)."""
     return griffin_indices(griffin_keep(stat_sq, k), k)

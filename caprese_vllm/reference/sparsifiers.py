@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 
 from caprese_vllm.engine.tensor_parallel import TensorParallelShard
-from caprese_vllm.methods import MethodSpec, cats_keep_mask, griffin_accumulate, griffin_k, griffin_select
+from caprese_vllm.methods import (
+    MethodSpec, cats_keep_mask, griffin_accumulate, griffin_k, griffin_select, keep_of_indices,
+)
 
 
 class DenseSparsifier:
@@ -68,8 +70,7 @@ class GriffinSparsifier:
             raise RuntimeError("GRIFFIN needs the prompt's activations before the first generated token")
         if self.neuron_idx is None:
             self.neuron_idx = self._select()
-        keep = torch.zeros(self.stat_sq.shape, dtype=torch.bool, device=gate_act.device)
-        keep.scatter_(1, self.neuron_idx, True)
+        keep = keep_of_indices(self.neuron_idx, self.stat_sq.shape[-1])   # [B, I]
         return keep.unsqueeze(1).expand_as(gate_act)
 
 
